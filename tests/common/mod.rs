@@ -1,0 +1,70 @@
+//! Shared test helpers: where ../shared lives and how to read golden tensors.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `$DLTOOL_SHARED`, else `../shared` beside the crate. Tests that need it fail loudly without it.
+pub fn shared_dir() -> PathBuf {
+    let dir = std::env::var_os("DLTOOL_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    assert!(
+        dir.join("README.md").is_file(),
+        "the shared data folder is missing: expected it at {} (set DLTOOL_SHARED to its path)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn shared(rel: &str) -> PathBuf {
+    let p = shared_dir().join(rel);
+    assert!(p.exists(), "missing shared file {}", p.display());
+    p
+}
+
+/// A golden safetensors file: tensors by name and the header metadata.
+pub struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    pub fn open(rel: &str) -> Golden {
+        let path = shared(rel);
+        Golden {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("golden file parses");
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden tensor {name} missing"));
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (t.shape().to_vec(), data)
+    }
+
+    pub fn metadata(&self, key: &str) -> String {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&self.bytes).expect("header");
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get(key).cloned())
+            .unwrap_or_else(|| panic!("golden metadata {key} missing"))
+    }
+}
+
+/// max |a - b| and max |b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
+    (diff, scale)
+}
