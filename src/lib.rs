@@ -1,3 +1,14 @@
 //! dltool: transfer learning on images from the command line.
+//!
+//! The pipeline stages live here as a library (`inputs` → `image_io` → `backbone` →
+//! `featurize` → `features`); `commands` holds the thin subcommand layers the binary calls.
 
+pub mod backbone;
+pub mod commands;
+pub mod features;
+pub mod featurize;
+pub mod image_io;
 pub mod inception_v3;
+pub mod inputs;
+pub mod journal;
+pub mod weights;

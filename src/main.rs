@@ -1,1 +1,34 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use dltool::commands::{self, Status};
+use std::process::ExitCode;
+
+/// Transfer learning on images: pretrained-network features, small heads, evaluation and
+/// prediction, from the command line.
+#[derive(Parser)]
+#[command(name = "dltool", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pretrained network over images and write one feature vector per image.
+    Featurize(commands::featurize::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Featurize(args) => commands::featurize::run(args),
+    };
+    match result {
+        Ok(Status::Ok) => ExitCode::SUCCESS,
+        Ok(Status::Incomplete) => ExitCode::from(2),
+        Err(err) if commands::is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("dltool: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

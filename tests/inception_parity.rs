@@ -63,5 +63,5 @@ fn every_stage_matches_the_reference_network() {
 }
 
 fn to_vec(d: TensorData) -> Vec<f32> {
-    d.into_vec::<f32>().unwrap()
+    d.try_into_vec::<f32>().unwrap()
 }

@@ -1,0 +1,422 @@
+//! `dltool featurize`: images in, one feature row per image out.
+
+use super::Status;
+use crate::backbone::{Backbone, BackboneOptions, Pool};
+use crate::features::{
+    self, CsvFeatureWriter, FeatureError, Format, Row, SafetensorsFeatureWriter,
+};
+use crate::featurize::{self, Outcome};
+use crate::image_io::DEFAULT_MAX_PIXELS;
+use crate::inception_v3::{BlockVariant, Layer};
+use crate::inputs::{self, Input};
+use crate::journal::{FileStamp, Journal};
+use anyhow::{Context, bail};
+use burn::prelude::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Output: CSV with header path,label,f0,...,fN-1 (RFC 4180), or safetensors (tensors `features` \
+[N,D] f32, `labels` [N] i32, `path_offsets`/`path_bytes`; label names and provenance in the \
+metadata). Rows follow the input order: arguments as given, directories walked in sorted order.
+
+With -o FILE, every computed row is also appended to FILE.journal as it is made, so an \
+interrupted run loses nothing: run the same command with --resume to reuse the rows of unchanged \
+images (same path, size and modification time) and featurize only the rest.
+
+Exit status: 0 if at least one image was featurized, 2 if none was (or, with --strict, if any \
+input was skipped), 1 on any other error.")]
+pub struct Args {
+    /// Image files, directories (recursive; the first-level subfolder is the label) or - to read
+    /// newline-separated paths from stdin.
+    #[arg(value_name = "PATH", required = true)]
+    pub paths: Vec<String>,
+
+    /// Output file; - or none writes CSV to stdout.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: Option<PathBuf>,
+
+    /// Output format [default: from OUT's extension, else csv].
+    #[arg(long, value_name = "csv|safetensors")]
+    pub format: Option<Format>,
+
+    /// Weight file (safetensors or PyTorch state dict) [default: $DLTOOL_WEIGHTS, then
+    /// assets/weights/, then the user cache].
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+
+    /// Network to run.
+    #[arg(long, default_value = "inception_v3", value_parser = ["inception_v3"])]
+    pub backbone: String,
+
+    /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
+    #[arg(long, value_name = "VARIANT")]
+    pub variant: Option<BlockVariant>,
+
+    /// Layer to read features from [mixed_5d|mixed_6e|mixed_7c].
+    #[arg(long, default_value = "mixed_7c", value_name = "LAYER")]
+    pub layer: Layer,
+
+    /// Spatial pooling of the layer: avg, max, or none (flatten C*H*W, channel-major).
+    #[arg(long, default_value = "avg", value_name = "avg|max|none")]
+    pub pool: Pool,
+
+    /// Images per network batch.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: u32,
+
+    /// Worker threads for decoding and the network [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+
+    /// Reuse rows of unchanged images from OUT.journal (left by an earlier or interrupted run).
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Exit with status 2 if any input was skipped.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// No progress bar and no summary (skipped inputs are still reported).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    pub max_pixels: u64,
+}
+
+/// Where rows go.
+enum Target {
+    Stdout,
+    File { path: PathBuf, format: Format },
+}
+
+pub fn run(args: Args) -> anyhow::Result<Status> {
+    if let Some(n) = args.threads {
+        // Fails only if a pool already exists (a second command in one process): keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n as usize)
+            .build_global();
+    }
+    let target = match &args.output {
+        None => Target::Stdout,
+        Some(p) if p.as_os_str() == "-" => Target::Stdout,
+        Some(p) => Target::File {
+            path: p.clone(),
+            format: args
+                .format
+                .or_else(|| Format::from_extension(p))
+                .unwrap_or(Format::Csv),
+        },
+    };
+    if matches!(target, Target::Stdout) {
+        if args.format == Some(Format::Safetensors) {
+            bail!("--format safetensors needs an output file: add -o FILE.safetensors");
+        }
+        if args.resume {
+            bail!("--resume needs an output file (-o FILE): stdout keeps no journal");
+        }
+    }
+
+    let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())
+        .context("cannot read paths from stdin")?;
+    for skip in &list.skipped {
+        eprintln!("skipped {}: {}", skip.display, skip.reason);
+    }
+
+    let opts = BackboneOptions {
+        weights: args.weights.clone(),
+        variant: args.variant,
+        layer: args.layer,
+        pool: args.pool,
+    };
+    let backbone = Backbone::load(&opts, Device::flex())?;
+
+    let progress = if args.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(list.inputs.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let started = Instant::now();
+    let mut tally = Tally {
+        skipped: list.skipped.len(),
+        ..Tally::default()
+    };
+    let result = match &target {
+        Target::Stdout => to_stdout(&args, &backbone, &list.inputs, &progress, &mut tally),
+        Target::File { path, format } => to_file(
+            &args,
+            &backbone,
+            &list.inputs,
+            path,
+            *format,
+            &progress,
+            &mut tally,
+        ),
+    };
+    progress.finish_and_clear();
+    result?;
+
+    let featurized = tally.computed + tally.reused;
+    if !args.quiet {
+        let secs = started.elapsed().as_secs_f64();
+        let mut line = format!("featurized {featurized} image(s)");
+        if tally.reused > 0 {
+            line += &format!(" ({} reused from the journal)", tally.reused);
+        }
+        line += &format!(", skipped {}", tally.skipped);
+        if tally.computed > 0 {
+            line += &format!(
+                ", in {secs:.1} s ({:.2} images/s)",
+                tally.computed as f64 / secs
+            );
+        }
+        eprintln!("{line}");
+    }
+    if featurized == 0 {
+        eprintln!("dltool: no image was featurized");
+        return Ok(Status::Incomplete);
+    }
+    if args.strict && tally.skipped > 0 {
+        eprintln!(
+            "dltool: {} input(s) skipped and --strict is set",
+            tally.skipped
+        );
+        return Ok(Status::Incomplete);
+    }
+    Ok(Status::Ok)
+}
+
+#[derive(Default)]
+struct Tally {
+    computed: usize,
+    reused: usize,
+    skipped: usize,
+}
+
+fn report_skip(progress: &ProgressBar, display: &str, reason: &str) {
+    progress.suspend(|| eprintln!("skipped {display}: {reason}"));
+}
+
+fn to_stdout(
+    args: &Args,
+    backbone: &Backbone,
+    inputs: &[Input],
+    progress: &ProgressBar,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&features::csv_header(backbone.dim()))?;
+    let mut line = Vec::new();
+    featurize::run(
+        backbone,
+        inputs,
+        args.batch_size as usize,
+        args.max_pixels,
+        |i, outcome| {
+            let input = &inputs[i];
+            match outcome {
+                Outcome::Features(features) => {
+                    line.clear();
+                    features::format_csv_row(
+                        &Row {
+                            path: &input.display,
+                            label: &input.label,
+                            features,
+                        },
+                        &mut line,
+                    )?;
+                    // One write per row: a pipe gets whole rows as soon as they exist.
+                    stdout.write_all(&line)?;
+                    tally.computed += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    report_skip(progress, &input.display, reason);
+                    tally.skipped += 1;
+                }
+            }
+            progress.inc(1);
+            Ok(())
+        },
+    )?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// The journal kept beside an output file.
+pub fn journal_path(output: &Path) -> PathBuf {
+    let mut name = output.as_os_str().to_owned();
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
+fn to_file(
+    args: &Args,
+    backbone: &Backbone,
+    inputs: &[Input],
+    output: &Path,
+    format: Format,
+    progress: &ProgressBar,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let journal_file = journal_path(output);
+    if !args.resume {
+        match std::fs::remove_file(&journal_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context(format!("{}", journal_file.display())),
+        }
+    }
+    let (mut journal, index) =
+        Journal::open_or_create(&journal_file, backbone.dim(), &backbone.meta).map_err(
+            |e| match e {
+                FeatureError::JournalMismatch { .. } => anyhow::anyhow!(
+                    "{e:#}; it was made with other weights, layer or pooling: run without --resume \
+                 to start over"
+                ),
+                other => other.into(),
+            },
+        )?;
+
+    // The journal is keyed by the file's canonical path, so `flowers/` and `./flowers` resume
+    // each other; the output shows the path as the user spelled it.
+    let keys: Vec<String> = inputs
+        .iter()
+        .map(|i| {
+            std::fs::canonicalize(&i.path)
+                .unwrap_or_else(|_| i.path.clone())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let stamps: Vec<FileStamp> = inputs
+        .iter()
+        .map(|i| {
+            std::fs::metadata(&i.path)
+                .and_then(|m| FileStamp::of(&m))
+                .unwrap_or(FileStamp::new(0, std::time::UNIX_EPOCH))
+        })
+        .collect();
+    let mut offsets: Vec<Option<u64>> = (0..inputs.len())
+        .map(|i| index.fresh(&keys[i], stamps[i]).map(|e| e.offset))
+        .collect();
+    let todo: Vec<usize> = (0..inputs.len())
+        .filter(|&i| offsets[i].is_none())
+        .collect();
+    tally.reused = inputs.len() - todo.len();
+    progress.inc(tally.reused as u64);
+    if tally.reused > 0 && !args.quiet {
+        progress.suspend(|| {
+            eprintln!(
+                "resuming: {} row(s) reused from {}",
+                tally.reused,
+                journal_file.display()
+            )
+        });
+    }
+
+    let todo_inputs: Vec<Input> = todo.iter().map(|&i| inputs[i].clone()).collect();
+    featurize::run(
+        backbone,
+        &todo_inputs,
+        args.batch_size as usize,
+        args.max_pixels,
+        |j, outcome| {
+            let i = todo[j];
+            match outcome {
+                Outcome::Features(features) => {
+                    let row = Row {
+                        path: &keys[i],
+                        label: &inputs[i].label,
+                        features,
+                    };
+                    offsets[i] = Some(journal.append(&row, stamps[i])?);
+                    tally.computed += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    report_skip(progress, &inputs[i].display, reason);
+                    tally.skipped += 1;
+                }
+            }
+            progress.inc(1);
+            Ok(())
+        },
+    )?;
+
+    let done: Vec<(usize, u64)> = offsets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.map(|o| (i, o)))
+        .collect();
+    if done.is_empty() {
+        return Ok(());
+    }
+    write_output(output, format, backbone, inputs, &done, &mut journal)
+}
+
+/// Writes the rows named by `done` (input index, journal offset), in input order, to a
+/// temporary file renamed over `output`.
+fn write_output(
+    output: &Path,
+    format: Format,
+    backbone: &Backbone,
+    inputs: &[Input],
+    done: &[(usize, u64)],
+    journal: &mut Journal,
+) -> anyhow::Result<()> {
+    let dim = backbone.dim();
+    match format {
+        Format::Csv => {
+            let mut w = CsvFeatureWriter::create(output, dim)?;
+            for &(i, offset) in done {
+                let features = journal.read_features(offset)?;
+                w.write_row(&Row {
+                    path: &inputs[i].display,
+                    label: &inputs[i].label,
+                    features: &features,
+                })?;
+            }
+            w.commit()?;
+        }
+        Format::Safetensors => {
+            let mut labels: Vec<String> =
+                done.iter().map(|&(i, _)| inputs[i].label.clone()).collect();
+            labels.sort();
+            labels.dedup();
+            let path_bytes: u64 = done
+                .iter()
+                .map(|&(i, _)| inputs[i].display.len() as u64)
+                .sum();
+            let mut w = SafetensorsFeatureWriter::create(
+                output,
+                done.len(),
+                dim,
+                path_bytes,
+                &labels,
+                Some(&backbone.meta),
+            )?;
+            for &(i, offset) in done {
+                let features = journal.read_features(offset)?;
+                w.write_row(&Row {
+                    path: &inputs[i].display,
+                    label: &inputs[i].label,
+                    features: &features,
+                })?;
+            }
+            w.commit()?;
+        }
+    }
+    Ok(())
+}

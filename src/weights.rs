@@ -1,0 +1,103 @@
+//! Finding the weight file when the user does not name one, and fingerprinting it.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// File name of the default InceptionV3 weights (Google's 2015 ImageNet training run).
+pub const DEFAULT_INCEPTION_FILE: &str = "inception_v3_tf2015.safetensors";
+
+/// `$DLTOOL_HOME`, else the platform cache directory (`~/.cache/dltool` on Linux).
+pub fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("DLTOOL_HOME")
+        .map(PathBuf::from)
+        .or_else(|| dirs::cache_dir().map(|d| d.join("dltool")))
+}
+
+/// The places searched, in order, for `file_name` when no `--weights` is given.
+pub fn candidates(file_name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("DLTOOL_WEIGHTS") {
+        out.push(PathBuf::from(p));
+    }
+    out.push(Path::new("assets/weights").join(file_name));
+    // A binary built from a checkout finds the checkout's assets wherever it is run from.
+    out.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("assets/weights")
+            .join(file_name),
+    );
+    if let Some(home) = home_dir() {
+        out.push(home.join("weights").join(file_name));
+    }
+    out
+}
+
+/// `explicit` if given (it must exist), else the first existing candidate, else an error that
+/// lists every place looked at and how to fill one.
+pub fn resolve(explicit: Option<&Path>, file_name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => Ok(p.to_path_buf()),
+            Ok(_) => Err(format!("{}: weights path is not a file", p.display())),
+            Err(e) => Err(format!("{}: cannot read weights: {e}", p.display())),
+        };
+    }
+    let looked = candidates(file_name);
+    if let Some(found) = looked.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
+    let target = home_dir()
+        .map(|h| h.join("weights").join(file_name).display().to_string())
+        .unwrap_or_else(|| format!("assets/weights/{file_name}"));
+    Err(format!(
+        "no weights found for {file_name} (looked in: {}); pass --weights FILE, set \
+         DLTOOL_WEIGHTS, or copy the file to {target}",
+        list.join(", ")
+    ))
+}
+
+/// Lower-case hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_path_must_exist() {
+        let err = resolve(Some(Path::new("/nonexistent/w.safetensors")), "x").unwrap_err();
+        assert!(
+            err.starts_with("/nonexistent/w.safetensors: cannot read weights"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
