@@ -76,11 +76,9 @@ pub struct Backbone {
 
 impl Backbone {
     pub fn load(opts: &BackboneOptions, device: Device) -> anyhow::Result<Self> {
-        let path = crate::weights::resolve(
-            opts.weights.as_deref(),
-            crate::weights::DEFAULT_INCEPTION_FILE,
-        )
-        .map_err(anyhow::Error::msg)?;
+        let path =
+            crate::weights::resolve(opts.weights.as_deref(), crate::weights::INCEPTION_FILES)
+                .map_err(anyhow::Error::msg)?;
         Self::load_file(&path, opts, device)
     }
 
@@ -88,7 +86,7 @@ impl Backbone {
         let (model, loaded) = inception_v3::load(path, opts.variant, &device)?;
         let sha = crate::weights::sha256_file(path)
             .with_context(|| format!("{}: cannot read weights", path.display()))?;
-        let preprocess = inception_preprocess(loaded.config.variant);
+        let preprocess = loaded.config.preprocess();
         let meta = FeatureMeta {
             backbone: format!("inception_v3/{}", loaded.config.variant.name()),
             weights_sha256: sha,
@@ -138,21 +136,5 @@ impl Backbone {
         out.into_data()
             .try_into_vec::<f32>()
             .expect("the network returns f32")
-    }
-}
-
-/// Both published InceptionV3 trainings expect RGB in [-1, 1]: Google's graph computes
-/// `x / 128 - 1`; torchvision's `transform_input` turns ImageNet-normalised input into
-/// `x / 127.5 - 1`.
-pub fn inception_preprocess(variant: BlockVariant) -> Preprocess {
-    let (mean, std) = match variant {
-        BlockVariant::Tf2015 => (128.0, 128.0),
-        BlockVariant::Torchvision => (127.5, 127.5),
-    };
-    Preprocess {
-        width: 299,
-        height: 299,
-        mean: [mean; 3],
-        std: [std; 3],
     }
 }

@@ -358,7 +358,8 @@ fn jpeg_is_complete(data: &[u8]) -> bool {
         // Headers that cannot be walked are the decoder's to judge, with a better message.
         return true;
     };
-    data[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+    // Nearly every file ends with the marker; only the rest need the scan.
+    data.ends_with(&[0xFF, 0xD9]) || data[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Offset of the first SOS marker, found by walking the length-prefixed header segments.
@@ -858,6 +859,9 @@ mod tests {
         symlink(p("loop_b"), p("loop_a")).unwrap();
         symlink(p("loop_a"), p("loop_b")).unwrap();
         assert_eq!(reason(&p("loop_a")), "symlink loop");
+        // A socket stands in for FIFOs and devices, which would block or never end.
+        let _socket = std::os::unix::net::UnixListener::bind(p("socket.jpg")).unwrap();
+        assert_eq!(reason(&p("socket.jpg")), "not a regular file");
         fs::write(p("notes.jpg"), b"not a picture at all").unwrap();
         assert_eq!(
             reason(&p("notes.jpg")),

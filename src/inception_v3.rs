@@ -126,6 +126,22 @@ impl InceptionV3Config {
     pub fn init(&self, device: &Device) -> InceptionV3 {
         InceptionV3::new(self, device)
     }
+
+    /// The input both trainings expect: RGB, 299x299, scaled to [-1, 1]. Google's graph
+    /// computes `x / 128 - 1`; torchvision's `transform_input` turns ImageNet-normalised input
+    /// back into `x / 127.5 - 1`.
+    pub fn preprocess(&self) -> crate::image_io::Preprocess {
+        let (mean, std) = match self.variant {
+            BlockVariant::Tf2015 => (128.0, 128.0),
+            BlockVariant::Torchvision => (127.5, 127.5),
+        };
+        crate::image_io::Preprocess {
+            width: 299,
+            height: 299,
+            mean: [mean; 3],
+            std: [std; 3],
+        }
+    }
 }
 
 /// Conv (no bias) + BatchNorm + ReLU, torchvision's `BasicConv2d`; after

@@ -3,8 +3,12 @@
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// File name of the default InceptionV3 weights (Google's 2015 ImageNet training run).
-pub const DEFAULT_INCEPTION_FILE: &str = "inception_v3_tf2015.safetensors";
+/// File names of the default InceptionV3 weights (Google's 2015 ImageNet training run), in
+/// order of preference: dltool's safetensors, then pytorch-fid's published state dict.
+pub const INCEPTION_FILES: &[&str] = &[
+    "inception_v3_tf2015.safetensors",
+    "pt_inception-2015-12-05-6726825d.pth",
+];
 
 /// `$DLTOOL_HOME`, else the platform cache directory (`~/.cache/dltool` on Linux).
 pub fn home_dir() -> Option<PathBuf> {
@@ -13,28 +17,29 @@ pub fn home_dir() -> Option<PathBuf> {
         .or_else(|| dirs::cache_dir().map(|d| d.join("dltool")))
 }
 
-/// The places searched, in order, for `file_name` when no `--weights` is given.
-pub fn candidates(file_name: &str) -> Vec<PathBuf> {
+/// The places searched, in order, for any of `file_names` when no `--weights` is given.
+pub fn candidates(file_names: &[&str]) -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("assets/weights")];
+    // A binary built from a checkout finds the checkout's assets wherever it is run from.
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/weights"));
+    if let Some(home) = home_dir() {
+        dirs.push(home.join("weights"));
+    }
     let mut out = Vec::new();
     if let Some(p) = std::env::var_os("DLTOOL_WEIGHTS") {
         out.push(PathBuf::from(p));
     }
-    out.push(Path::new("assets/weights").join(file_name));
-    // A binary built from a checkout finds the checkout's assets wherever it is run from.
-    out.push(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("assets/weights")
-            .join(file_name),
-    );
-    if let Some(home) = home_dir() {
-        out.push(home.join("weights").join(file_name));
+    for dir in dirs {
+        for name in file_names {
+            out.push(dir.join(name));
+        }
     }
     out
 }
 
 /// `explicit` if given (it must exist), else the first existing candidate, else an error that
 /// lists every place looked at and how to fill one.
-pub fn resolve(explicit: Option<&Path>, file_name: &str) -> Result<PathBuf, String> {
+pub fn resolve(explicit: Option<&Path>, file_names: &[&str]) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return match std::fs::metadata(p) {
             Ok(m) if m.is_file() => Ok(p.to_path_buf()),
@@ -42,17 +47,19 @@ pub fn resolve(explicit: Option<&Path>, file_name: &str) -> Result<PathBuf, Stri
             Err(e) => Err(format!("{}: cannot read weights: {e}", p.display())),
         };
     }
-    let looked = candidates(file_name);
+    let looked = candidates(file_names);
     if let Some(found) = looked.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
     let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
+    let file_name = file_names[0];
     let target = home_dir()
         .map(|h| h.join("weights").join(file_name).display().to_string())
         .unwrap_or_else(|| format!("assets/weights/{file_name}"));
     Err(format!(
-        "no weights found for {file_name} (looked in: {}); pass --weights FILE, set \
-         DLTOOL_WEIGHTS, or copy the file to {target}",
+        "no weights found for {} (looked for {}); pass --weights FILE, set DLTOOL_WEIGHTS, or \
+         copy the file to {target}",
+        file_names.join(" or "),
         list.join(", ")
     ))
 }
@@ -83,7 +90,7 @@ mod tests {
 
     #[test]
     fn explicit_path_must_exist() {
-        let err = resolve(Some(Path::new("/nonexistent/w.safetensors")), "x").unwrap_err();
+        let err = resolve(Some(Path::new("/nonexistent/w.safetensors")), &["x"]).unwrap_err();
         assert!(
             err.starts_with("/nonexistent/w.safetensors: cannot read weights"),
             "{err}"
