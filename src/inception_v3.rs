@@ -787,15 +787,16 @@ pub fn detect_format(path: &Path) -> Result<WeightFormat, String> {
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut head = [0u8; 9];
     let n = f.read(&mut head).map_err(|e| e.to_string())?;
+    // Safetensors first: its 8-byte header length can start with bytes that look like a pickle.
+    if n == 9 && head[8] == b'{' {
+        return Ok(WeightFormat::Safetensors);
+    }
     if n >= 2 && head[0] == b'P' && head[1] == b'K' {
         return Ok(WeightFormat::Pytorch);
     }
     // A raw pickle starts with the PROTO opcode.
     if n >= 2 && head[0] == 0x80 && head[1] <= 5 {
         return Ok(WeightFormat::Pytorch);
-    }
-    if n == 9 && head[8] == b'{' {
-        return Ok(WeightFormat::Safetensors);
     }
     Err("not a safetensors or PyTorch weight file".to_string())
 }
@@ -856,15 +857,34 @@ pub fn load(
             Store::Pt(s) => s.get_tensor("fc.weight").map_err(|e| e.to_string()),
         }
         .map_err(read_err)?;
-        tensor.map(|t| t.shape.dims::<2>()[0])
+        // `Shape::dims::<2>()` panics below rank 2: a malformed fc must be an error instead.
+        match tensor.map(|t| t.shape.to_vec()) {
+            None => None,
+            Some(dims) if dims.len() == 2 => Some(dims[0]),
+            Some(dims) => {
+                return Err(LoadError::Mismatch {
+                    path: shown,
+                    problems: vec![format!(
+                        "fc.weight has shape {dims:?}, expected [classes, 2048]"
+                    )],
+                });
+            }
+        }
     };
 
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let from_metadata = match metadata.get("variant") {
+        Some(v) => Some(v.parse::<BlockVariant>().map_err(|e| LoadError::Read {
+            path: shown.clone(),
+            message: format!("metadata 'variant': {e}"),
+        })?),
+        None => None,
+    };
     let variant = variant
-        .or_else(|| metadata.get("variant").and_then(|v| v.parse().ok()))
+        .or(from_metadata)
         .or_else(|| {
             if file_name.contains("inception-2015-12-05") {
                 Some(BlockVariant::Tf2015)
