@@ -11,4 +11,5 @@ pub mod image_io;
 pub mod inception_v3;
 pub mod inputs;
 pub mod journal;
+pub mod logistic;
 pub mod weights;
