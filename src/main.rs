@@ -15,12 +15,24 @@ struct Cli {
 enum Command {
     /// Run a pretrained network over images and write one feature vector per image.
     Featurize(commands::featurize::Args),
+    /// Split a feature file into stratified (or path-hashed) parts.
+    Split(commands::split::Args),
+    /// Train a logistic-regression or MLP head on feature rows.
+    TrainHead(commands::train_head::Args),
+    /// Measure a head on labelled features: accuracy, F1, log loss, confusion matrix.
+    Evaluate(commands::evaluate::Args),
+    /// Classify images (backbone + head) or feature rows (head only).
+    Predict(commands::predict::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Featurize(args) => commands::featurize::run(args),
+        Command::Split(args) => commands::split::run(args),
+        Command::TrainHead(args) => commands::train_head::run(args),
+        Command::Evaluate(args) => commands::evaluate::run(args),
+        Command::Predict(args) => commands::predict::run(args),
     };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,

@@ -12,8 +12,8 @@ use crate::inputs::{self, Input};
 use crate::journal::{FileStamp, Journal};
 use anyhow::{Context, bail};
 use burn::prelude::Device;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::{IsTerminal, Write};
+use indicatif::ProgressBar;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -96,12 +96,7 @@ enum Target {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Status> {
-    if let Some(n) = args.threads {
-        // Fails only if a pool already exists (a second command in one process): keep it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n as usize)
-            .build_global();
-    }
+    super::set_threads(args.threads);
     let target = match &args.output {
         None => Target::Stdout,
         Some(p) if p.as_os_str() == "-" => Target::Stdout,
@@ -136,19 +131,11 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     };
     let backbone = Backbone::load(&opts, Device::flex())?;
 
-    let progress = if args.quiet || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(list.inputs.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    };
+    let progress = super::progress_bar(
+        list.inputs.len() as u64,
+        args.quiet,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+    );
     let started = Instant::now();
     let mut tally = Tally {
         skipped: list.skipped.len(),

@@ -1,0 +1,116 @@
+//! `dltool evaluate`: how good a head is on labelled features.
+
+use super::Status;
+use crate::features;
+use crate::head::Head;
+use crate::metrics;
+use anyhow::bail;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Prints accuracy, weighted F1 (MLlib's default metric), weighted precision and recall, log loss, \
+per-class precision/recall/F1/support and the confusion matrix (rows: true class).")]
+pub struct Args {
+    /// Head file written by train-head.
+    #[arg(value_name = "HEAD")]
+    pub head: PathBuf,
+
+    /// Labelled features (CSV or safetensors) made like the head's training features.
+    #[arg(value_name = "FEATURES")]
+    pub features: PathBuf,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also list the N most confidently wrong rows (path, truth, predicted, probability).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub errors: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<Status> {
+    let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
+    let table = features::read_features(&args.features)?;
+    head.check_features(table.dim, table.meta.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.features.display()))?;
+
+    let index: HashMap<&str, usize> = head
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
+    let mut unknown: std::collections::BTreeMap<&str, usize> = Default::default();
+    let truth: Vec<usize> = table
+        .labels
+        .iter()
+        .map(|l| match index.get(l.as_str()) {
+            Some(&i) => i,
+            None => {
+                *unknown.entry(l.as_str()).or_default() += 1;
+                usize::MAX
+            }
+        })
+        .collect();
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|(l, n)| format!("'{l}' ({n} rows)"))
+            .collect();
+        bail!(
+            "{}: labels the head was not trained on: {}; the head knows {}",
+            args.features.display(),
+            list.join(", "),
+            head.classes.join(", ")
+        );
+    }
+
+    let probs = head.predict_proba(&table.data, table.len());
+    let eval = metrics::evaluate(&head.classes, &truth, &probs)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.features.display()))?;
+    let k = head.classes.len();
+    let mistakes = metrics::most_confident_mistakes(&truth, &probs, k, args.errors);
+
+    if args.json {
+        let errors: Vec<serde_json::Value> = mistakes
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "path": table.paths[m.row],
+                    "truth": head.classes[m.truth],
+                    "predicted": head.classes[m.predicted],
+                    "probability": m.probability,
+                })
+            })
+            .collect();
+        let mut value = serde_json::to_value(&eval)?;
+        value["head"] = serde_json::json!(head.model.kind());
+        value["errors"] = serde_json::json!(errors);
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "{} head on {} ({} rows)\n",
+            head.model.kind(),
+            args.features.display(),
+            table.len()
+        );
+        print!("{}", eval.to_table());
+        if !mistakes.is_empty() {
+            println!("\nmost confident mistakes:");
+            let mut w = csv::Writer::from_writer(std::io::stdout().lock());
+            w.write_record(["path", "truth", "predicted", "probability"])?;
+            for m in &mistakes {
+                w.write_record([
+                    table.paths[m.row].as_str(),
+                    &head.classes[m.truth],
+                    &head.classes[m.predicted],
+                    &format!("{:.4}", m.probability),
+                ])?;
+            }
+            w.flush()?;
+        }
+    }
+    Ok(Status::Ok)
+}

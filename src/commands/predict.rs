@@ -1,0 +1,342 @@
+//! `dltool predict`: the whole model (backbone + head) on new images, or the head on features.
+
+use super::Status;
+use crate::backbone::{Backbone, BackboneOptions, Pool};
+use crate::features::{self, AtomicFile, FeatureMeta};
+use crate::featurize::{self, Outcome};
+use crate::head::Head;
+use crate::image_io::DEFAULT_MAX_PIXELS;
+use crate::inception_v3::Layer;
+use crate::inputs;
+use anyhow::bail;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Csv,
+    Jsonl,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Rows: path,prediction,probability,p_<class>... (one probability column per class, in the head's \
+order); with --top-k K the class columns become top1,p1,...,topK,pK. JSON lines carry the same \
+fields. Rows are written as soon as they are ready, in input order.
+
+Images go through the head's own backbone (layer, pooling, preprocessing recorded in the head); \
+weights whose SHA-256 differs from the head's are refused.")]
+pub struct Args {
+    /// Head file written by train-head.
+    #[arg(value_name = "HEAD")]
+    pub head: PathBuf,
+
+    /// Image files, directories (recursive) or - for paths on stdin.
+    #[arg(value_name = "PATH", required_unless_present = "features")]
+    pub paths: Vec<String>,
+
+    /// Apply the head to features already computed instead of images.
+    #[arg(long, value_name = "FILE", conflicts_with = "paths")]
+    pub features: Option<PathBuf>,
+
+    /// Output file; - or none writes to stdout.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: OutputFormat,
+
+    /// Only the K most probable classes per row.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+
+    /// Weight file of the backbone [default: as featurize finds it]; must be the head's.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+
+    /// Images per network batch.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: u32,
+
+    /// Worker threads [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+
+    /// No progress bar and no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    pub max_pixels: u64,
+}
+
+/// stdout, or a temporary file renamed into place when everything is written.
+enum Sink {
+    Stdout(std::io::StdoutLock<'static>),
+    File(BufWriter<AtomicFile>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Stdout(s) => s.write(buf),
+            Sink::File(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(s) => s.flush(),
+            Sink::File(f) => f.flush(),
+        }
+    }
+}
+
+impl Sink {
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Sink::Stdout(mut s) => Ok(s.flush()?),
+            Sink::File(f) => {
+                let file = f.into_inner().map_err(|e| e.into_error())?;
+                Ok(file.commit()?)
+            }
+        }
+    }
+}
+
+/// Formats prediction rows.
+struct Rows<'a> {
+    classes: &'a [String],
+    top_k: Option<usize>,
+    format: OutputFormat,
+    line: Vec<u8>,
+}
+
+impl Rows<'_> {
+    fn header(&self) -> Option<Vec<String>> {
+        if self.format != OutputFormat::Csv {
+            return None;
+        }
+        let mut h = vec![
+            "path".to_string(),
+            "prediction".into(),
+            "probability".into(),
+        ];
+        match self.top_k {
+            Some(k) => {
+                for i in 1..=k.min(self.classes.len()) {
+                    h.push(format!("top{i}"));
+                    h.push(format!("p{i}"));
+                }
+            }
+            None => h.extend(self.classes.iter().map(|c| format!("p_{c}"))),
+        }
+        Some(h)
+    }
+
+    fn format(&mut self, path: &str, probs: &[f64]) -> anyhow::Result<&[u8]> {
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        // Most probable first; ties keep the head's class order.
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let best = order[0];
+        self.line.clear();
+        match self.format {
+            OutputFormat::Csv => {
+                let mut fields = vec![
+                    path.to_string(),
+                    self.classes[best].clone(),
+                    probs[best].to_string(),
+                ];
+                match self.top_k {
+                    Some(k) => {
+                        for &c in order.iter().take(k) {
+                            fields.push(self.classes[c].clone());
+                            fields.push(probs[c].to_string());
+                        }
+                    }
+                    None => fields.extend(probs.iter().map(|p| p.to_string())),
+                }
+                let mut w = csv::Writer::from_writer(&mut self.line);
+                w.write_record(&fields)?;
+                w.flush()?;
+            }
+            OutputFormat::Jsonl => {
+                let mut v = serde_json::json!({
+                    "path": path,
+                    "prediction": self.classes[best],
+                    "probability": probs[best],
+                });
+                match self.top_k {
+                    Some(k) => {
+                        v["top"] = order
+                            .iter()
+                            .take(k)
+                            .map(|&c| serde_json::json!({"class": self.classes[c], "probability": probs[c]}))
+                            .collect();
+                    }
+                    None => {
+                        let map: serde_json::Map<String, serde_json::Value> = self
+                            .classes
+                            .iter()
+                            .zip(probs)
+                            .map(|(c, p)| (c.clone(), serde_json::json!(p)))
+                            .collect();
+                        v["probabilities"] = serde_json::Value::Object(map);
+                    }
+                }
+                serde_json::to_writer(&mut self.line, &v)?;
+                self.line.push(b'\n');
+            }
+        }
+        Ok(&self.line)
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<Status> {
+    super::set_threads(args.threads);
+    if args.top_k == Some(0) {
+        bail!("--top-k must be at least 1");
+    }
+    let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
+    let mut sink = match &args.output {
+        Some(p) if p.as_os_str() != "-" => Sink::File(BufWriter::new(AtomicFile::create(p)?)),
+        _ => Sink::Stdout(std::io::stdout().lock()),
+    };
+    let mut rows = Rows {
+        classes: &head.classes,
+        top_k: args.top_k,
+        format: args.format,
+        line: Vec::new(),
+    };
+    if let Some(h) = rows.header() {
+        let mut w = csv::Writer::from_writer(&mut sink);
+        w.write_record(&h)?;
+        w.flush()?;
+    }
+
+    let status = match &args.features {
+        Some(file) => {
+            let table = features::read_features(file)?;
+            head.check_features(table.dim, table.meta.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let probs = head.predict_proba(&table.data, table.len());
+            let k = head.classes.len();
+            for i in 0..table.len() {
+                sink.write_all(rows.format(&table.paths[i], &probs[i * k..(i + 1) * k])?)?;
+            }
+            Status::Ok
+        }
+        None => predict_images(&args, &head, &mut rows, &mut sink)?,
+    };
+    sink.finish()?;
+    Ok(status)
+}
+
+fn predict_images(
+    args: &Args,
+    head: &Head,
+    rows: &mut Rows<'_>,
+    sink: &mut Sink,
+) -> anyhow::Result<Status> {
+    let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
+    for skip in &list.skipped {
+        eprintln!("skipped {}: {}", skip.display, skip.reason);
+    }
+    let p = &head.provenance;
+    let layer: Layer = p
+        .layer
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
+    let pool: Pool = p
+        .pool
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
+    let opts = BackboneOptions {
+        weights: args.weights.clone(),
+        variant: None,
+        layer,
+        pool,
+    };
+    let backbone = Backbone::load(&opts, burn::prelude::Device::flex())?;
+    check_backbone(head, &backbone.meta, &args.head, &backbone.weights_path)?;
+    if backbone.dim() != head.feature_dim {
+        bail!(
+            "{}: the head expects {} features, the backbone gives {}",
+            args.head.display(),
+            head.feature_dim,
+            backbone.dim()
+        );
+    }
+
+    let progress = super::progress_bar(
+        list.inputs.len() as u64,
+        args.quiet,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+    );
+    let (mut done, mut skipped) = (0usize, list.skipped.len());
+    featurize::run(
+        &backbone,
+        &list.inputs,
+        args.batch_size as usize,
+        args.max_pixels,
+        |i, outcome| {
+            let input = &list.inputs[i];
+            match outcome {
+                Outcome::Features(f) => {
+                    let probs = head.predict_proba(f, 1);
+                    sink.write_all(rows.format(&input.display, &probs)?)?;
+                    // Each row reaches a pipe as soon as it exists.
+                    sink.flush()?;
+                    done += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    progress.suspend(|| eprintln!("skipped {}: {reason}", input.display));
+                    skipped += 1;
+                }
+            }
+            progress.inc(1);
+            Ok(())
+        },
+    )?;
+    progress.finish_and_clear();
+    if !args.quiet {
+        eprintln!("predicted {done} image(s), skipped {skipped}");
+    }
+    Ok(if done == 0 {
+        eprintln!("dltool: no image was predicted");
+        Status::Incomplete
+    } else {
+        Status::Ok
+    })
+}
+
+/// The head only makes sense on the features of the network it was trained on.
+fn check_backbone(
+    head: &Head,
+    loaded: &FeatureMeta,
+    head_path: &std::path::Path,
+    weights: &std::path::Path,
+) -> anyhow::Result<()> {
+    let h = &head.provenance;
+    if !h.backbone.is_empty() && h.backbone != loaded.backbone {
+        bail!(
+            "{}: the head was trained on {} features, but {} is {}",
+            head_path.display(),
+            h.backbone,
+            weights.display(),
+            loaded.backbone
+        );
+    }
+    if !h.weights_sha256.is_empty() && h.weights_sha256 != loaded.weights_sha256 {
+        bail!(
+            "{}: the head was trained on features of weights with SHA-256 {}, but {} has {}: \
+             pass the same weights with --weights",
+            head_path.display(),
+            h.weights_sha256,
+            weights.display(),
+            loaded.weights_sha256
+        );
+    }
+    Ok(())
+}
