@@ -2,34 +2,12 @@
 
 mod common;
 
-use common::{shared, shared_dir};
+use common::{dltool, ok, run, shared, shared_dir};
 use dltool::features::{FeatureMeta, FeatureTable, Format, write_features};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 const SHARED_SHA: &str = "0e2b313a6e50d4a03c228570ed7aa34da66ebb9b58bf649e0947949a5f57de7e";
-
-fn dltool() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dltool"));
-    cmd.env(
-        "DLTOOL_WEIGHTS",
-        shared("weights/inception_v3_tf2015.safetensors"),
-    );
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("dltool runs");
-    eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "command failed: {:?}", out.status);
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// One line on stderr, exit 1, mentioning `needle`.
 fn fails_with(cmd: &mut Command, needle: &str) {

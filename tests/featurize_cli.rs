@@ -2,25 +2,9 @@
 
 mod common;
 
-use common::{shared, shared_dir};
+use common::{dltool, run, shared_dir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn dltool() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dltool"));
-    cmd.env(
-        "DLTOOL_WEIGHTS",
-        shared("weights/inception_v3_tf2015.safetensors"),
-    );
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("dltool runs");
-    eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
+use std::process::{Command, Stdio};
 
 /// The first `n` photos of a class, sorted by name.
 fn flowers(class: &str, n: usize) -> Vec<PathBuf> {

@@ -10,27 +10,9 @@
 
 mod common;
 
-use common::{shared, shared_dir};
+use common::{dltool, ok, shared_dir};
 use dltool::features::{Format, read_features, write_features};
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-fn dltool() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dltool"));
-    cmd.env(
-        "DLTOOL_WEIGHTS",
-        shared("weights/inception_v3_tf2015.safetensors"),
-    );
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("dltool runs");
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "command failed: {:?}", out.status);
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Splits 60/40 with seed 42, trains a head with `train_args`, returns test accuracy.
 fn accuracy(dir: &Path, features: &Path, name: &str, train_args: &[&str]) -> f64 {

@@ -68,3 +68,28 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
     (diff, scale)
 }
+
+/// The dltool binary with the shared weights as its default and no stdin.
+pub fn dltool() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dltool"));
+    cmd.env(
+        "DLTOOL_WEIGHTS",
+        shared("weights/inception_v3_tf2015.safetensors"),
+    );
+    cmd.stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Runs a command, echoing its stderr into the test log.
+pub fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("dltool runs");
+    eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(cmd: &mut std::process::Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "command failed: {:?}", out.status);
+    String::from_utf8(out.stdout).unwrap()
+}
