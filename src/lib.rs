@@ -15,5 +15,7 @@ pub mod journal;
 pub mod logistic;
 pub mod metrics;
 pub mod mlp;
+pub mod mobilenet_v1;
+pub mod registry;
 pub mod split;
 pub mod weights;

@@ -23,6 +23,8 @@ enum Command {
     Evaluate(commands::evaluate::Args),
     /// Classify images (backbone + head) or feature rows (head only).
     Predict(commands::predict::Args),
+    /// Known pretrained weights: list, fetch, import, verify, path.
+    Weights(commands::weights::Args),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Command::TrainHead(args) => commands::train_head::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Weights(args) => commands::weights::run(args),
     };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,

@@ -24,6 +24,8 @@ pub fn candidates(file_names: &[&str]) -> Vec<PathBuf> {
     dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/weights"));
     if let Some(home) = home_dir() {
         dirs.push(home.join("weights"));
+        // Where `dltool weights fetch` installs the registry's default InceptionV3.
+        dirs.push(home.join("weights").join("inception_v3_tf2015"));
     }
     let mut out = Vec::new();
     if let Some(p) = std::env::var_os("DLTOOL_WEIGHTS") {
@@ -57,8 +59,8 @@ pub fn resolve(explicit: Option<&Path>, file_names: &[&str]) -> Result<PathBuf, 
         .map(|h| h.join("weights").join(file_name).display().to_string())
         .unwrap_or_else(|| format!("assets/weights/{file_name}"));
     Err(format!(
-        "no weights found for {} (looked for {}); pass --weights FILE, set DLTOOL_WEIGHTS, or \
-         copy the file to {target}",
+        "no weights found for {} (looked for {}); run `dltool weights fetch inception_v3_tf2015`, \
+         pass --weights FILE, set DLTOOL_WEIGHTS, or copy the file to {target}",
         file_names.join(" or "),
         list.join(", ")
     ))

@@ -5,6 +5,7 @@ pub mod featurize;
 pub mod predict;
 pub mod split;
 pub mod train_head;
+pub mod weights;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
