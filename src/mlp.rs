@@ -272,42 +272,16 @@ pub struct MlpReport {
     pub val_rows: usize,
 }
 
-/// SplitMix64: tiny, fast, and good enough for shuffles, init and dropout masks; owning
-/// the generator is what makes training reproducible (see the module doc).
-struct Rng(u64);
+/// The project's SplitMix64 (fixed output for a seed forever, see `split`); owning the
+/// generator is what makes training reproducible (see the module doc).
+type Rng = crate::split::SplitMix64;
 
-impl Rng {
-    /// Independent stream per purpose, so e.g. turning dropout on does not change the
-    /// initial weights or the validation split.
-    fn stream(seed: u64, purpose: u64) -> Self {
-        let mut r = Rng(seed ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        r.next_u64();
-        r
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in [0, n), n > 0 (Lemire's multiply; the bias is negligible for our n).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
+/// Independent stream per purpose, so e.g. turning dropout on does not change the initial
+/// weights or the validation split.
+fn stream(seed: u64, purpose: u64) -> Rng {
+    let mut r = Rng::new(seed ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    r.next_u64();
+    r
 }
 
 const STREAM_SPLIT: u64 = 1;
@@ -337,7 +311,7 @@ pub fn validation_split(
     for (i, &c) in y.iter().enumerate() {
         by_class[c].push(i);
     }
-    let mut rng = Rng::stream(seed, STREAM_SPLIT);
+    let mut rng = stream(seed, STREAM_SPLIT);
     let (mut train, mut val) = (Vec::with_capacity(y.len()), Vec::new());
     for mut rows in by_class {
         let k = rows.len();
@@ -473,7 +447,7 @@ fn init_layers(
     act: Activation,
     seed: u64,
 ) -> HostLayers {
-    let mut rng = Rng::stream(seed, STREAM_INIT);
+    let mut rng = stream(seed, STREAM_INIT);
     let sizes: Vec<usize> = std::iter::once(dim)
         .chain(hidden.iter().copied())
         .chain(std::iter::once(num_classes))
@@ -666,8 +640,8 @@ pub fn fit(
 
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
-    let mut shuffle_rng = Rng::stream(p.seed, STREAM_SHUFFLE);
-    let mut dropout_rng = Rng::stream(p.seed, STREAM_DROPOUT);
+    let mut shuffle_rng = stream(p.seed, STREAM_SHUFFLE);
+    let mut dropout_rng = stream(p.seed, STREAM_DROPOUT);
     let keep_scale = (1.0 / (1.0 - p.dropout)) as f32;
     let mut order = train.clone();
     let mut step = 0i32;
@@ -816,7 +790,7 @@ mod tests {
 
     /// Two concentric rings (class 0 inside): no linear boundary separates them.
     fn rings(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
-        let mut rng = Rng::stream(seed, 100);
+        let mut rng = stream(seed, 100);
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for i in 0..n {
             let c = i % 2;
@@ -834,7 +808,7 @@ mod tests {
 
     /// Four blobs at the corners of a square labelled by XOR of the signs.
     fn xor(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
-        let mut rng = Rng::stream(seed, 200);
+        let mut rng = stream(seed, 200);
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for i in 0..n {
             let (sx, sy) = ((i % 2) as f32 * 2.0 - 1.0, ((i / 2) % 2) as f32 * 2.0 - 1.0);
@@ -845,7 +819,7 @@ mod tests {
     }
 
     fn noise(n: usize, dim: usize, classes: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
-        let mut rng = Rng::stream(seed, 300);
+        let mut rng = stream(seed, 300);
         let x = (0..n * dim).map(|_| gauss(&mut rng)).collect();
         let y = (0..n).map(|_| rng.below(classes)).collect();
         (x, y)

@@ -10,8 +10,7 @@
 //!
 //! Every error is a single line of text; nothing here panics on bad input.
 
-use sha2::{Digest, Sha256};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -898,24 +897,8 @@ fn describe_hash(expected: &str) -> String {
 
 /// Lowercase hex SHA-256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut f = File::open(path)
-        .map_err(|e| format!("cannot open {}: {}", path.display(), one_line(&e)))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {}", path.display(), one_line(&e)))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    crate::weights::sha256_file(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), one_line(&e)))
 }
 
 /// The shard file names a TF.js `model.json` lists, in order. Only plain file names beside
