@@ -367,14 +367,7 @@ fn write_output(
     match format {
         Format::Csv => {
             let mut w = CsvFeatureWriter::create(output, dim)?;
-            for &(i, offset) in done {
-                let features = journal.read_features(offset)?;
-                w.write_row(&Row {
-                    path: &inputs[i].display,
-                    label: &inputs[i].label,
-                    features: &features,
-                })?;
-            }
+            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
             w.commit()?;
         }
         Format::Safetensors => {
@@ -394,16 +387,29 @@ fn write_output(
                 &labels,
                 Some(&backbone.meta),
             )?;
-            for &(i, offset) in done {
-                let features = journal.read_features(offset)?;
-                w.write_row(&Row {
-                    path: &inputs[i].display,
-                    label: &inputs[i].label,
-                    features: &features,
-                })?;
-            }
+            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
             w.commit()?;
         }
+    }
+    Ok(())
+}
+
+/// Calls `write` with each row of `done` in order, its features read back from the journal into
+/// one reused buffer.
+fn journal_rows(
+    inputs: &[Input],
+    done: &[(usize, u64)],
+    journal: &mut Journal,
+    mut write: impl FnMut(&Row) -> Result<(), FeatureError>,
+) -> anyhow::Result<()> {
+    let mut features = Vec::new();
+    for &(i, offset) in done {
+        journal.read_features_into(offset, &mut features)?;
+        write(&Row {
+            path: &inputs[i].display,
+            label: &inputs[i].label,
+            features: &features,
+        })?;
     }
     Ok(())
 }
