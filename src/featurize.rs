@@ -27,15 +27,41 @@ pub fn run<E>(
     inputs: &[Input],
     batch_size: usize,
     max_pixels: u64,
+    emit: E,
+) -> anyhow::Result<()>
+where
+    E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
+{
+    let network = |pixels, n| backbone.features(pixels, n);
+    run_network(
+        backbone,
+        inputs,
+        batch_size,
+        max_pixels,
+        backbone.dim(),
+        network,
+        emit,
+    )
+}
+
+/// [`run`] with another use of the decoded batches: `network(pixels, n)` returns `dim` floats
+/// per image (the pretrained classifier's probabilities, for `classify`).
+pub fn run_network<N, E>(
+    backbone: &Backbone,
+    inputs: &[Input],
+    batch_size: usize,
+    max_pixels: u64,
+    dim: usize,
+    network: N,
     mut emit: E,
 ) -> anyhow::Result<()>
 where
+    N: Fn(Vec<f32>, usize) -> Vec<f32>,
     E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
 {
     let batch_size = batch_size.max(1);
     let pre = backbone.preprocess;
     let input_len = backbone.input_len();
-    let dim = backbone.dim();
     std::thread::scope(|scope| {
         // One decoded batch waits while the network runs: enough to hide decoding, and memory
         // stays at two batches of pixels.
@@ -76,7 +102,7 @@ where
             let features = if n_ok == 0 {
                 Vec::new()
             } else {
-                backbone.features(pixels, n_ok)
+                network(pixels, n_ok)
             };
             let mut rows = features.chunks_exact(dim);
             for (i, reason) in status.iter().enumerate() {

@@ -650,6 +650,11 @@ impl InceptionV3 {
         self.fc.is_some()
     }
 
+    /// Outputs of the classifier (1008 for pytorch-fid's file, 1000 for torchvision's).
+    pub fn num_classes(&self) -> Option<usize> {
+        self.fc.as_ref().map(|fc| fc.weight.dims()[1])
+    }
+
     fn stem(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.Conv2d_1a_3x3.forward(x);
         let x = self.Conv2d_2a_3x3.forward(x);

@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod inception_v3;
 pub mod inputs;
 pub mod journal;
+pub mod labels;
 pub mod logistic;
 pub mod metrics;
 pub mod mlp;

@@ -23,6 +23,8 @@ enum Command {
     Evaluate(commands::evaluate::Args),
     /// Classify images (backbone + head) or feature rows (head only).
     Predict(commands::predict::Args),
+    /// ImageNet classes of images from the pretrained network's own classifier (top-K).
+    Classify(commands::classify::Args),
     /// Known pretrained weights: list, fetch, import, verify, path.
     Weights(commands::weights::Args),
 }
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::TrainHead(args) => commands::train_head::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Classify(args) => commands::classify::run(args),
         Command::Weights(args) => commands::weights::run(args),
     };
     match result {

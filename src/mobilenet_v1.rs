@@ -36,6 +36,8 @@ pub struct MobileNetV1Config {
     pub bn_eps: f64,
     /// Width of [`MobileNetV1::forward_features`]'s output (`1024 * alpha`).
     pub feature_dim: usize,
+    /// Side of the last feature map, `conv_pw_13_relu` (7 at 224x224).
+    pub map_size: usize,
 }
 
 impl MobileNetV1Config {
@@ -76,9 +78,15 @@ impl MobileNetV1 {
     /// Preprocessed `[N, 3, H, W]` batch -> `[N, 1024 * alpha]`: the global average of
     /// `conv_pw_13_relu`.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = self.blocks.iter().fold(x, |x, b| b.forward(x));
+        let x = self.forward_map(x);
         let [n, c, _, _] = x.dims();
         x.mean_dim(3).mean_dim(2).reshape([n, c])
+    }
+
+    /// Preprocessed `[N, 3, H, W]` batch -> `conv_pw_13_relu`, the last feature map before the
+    /// global pool: `[N, 1024 * alpha, map_size, map_size]`.
+    pub fn forward_map(&self, x: Tensor<4>) -> Tensor<4> {
+        self.blocks.iter().fold(x, |x, b| b.forward(x))
     }
 
     pub fn has_classifier(&self) -> bool {
@@ -114,9 +122,13 @@ pub fn load(
     device: &Device,
 ) -> Result<(MobileNetV1, MobileNetV1Config), LoadError> {
     let shown = model_json.display().to_string();
-    let text = std::fs::read_to_string(model_json).map_err(|e| LoadError::Read {
+    let bytes = std::fs::read(model_json).map_err(|e| LoadError::Read {
         path: shown.clone(),
         message: e.to_string(),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| LoadError::Read {
+        path: shown.clone(),
+        message: "not a TF.js model.json (binary data, not JSON text)".into(),
     })?;
     let json: Value = serde_json::from_str(&text).map_err(|e| LoadError::Read {
         path: shown.clone(),
@@ -168,12 +180,21 @@ pub fn load(
         Some(ConvKind::Standard { filters }) => filters,
         _ => return Err(topo("the first layer is not a standard convolution".into())),
     };
+    let map_size = plan.convs.iter().fold(plan.input_size, |size, c| {
+        let (k, s) = (c.kernel[0], c.stride[0]);
+        match c.padding {
+            PaddingConfig2d::Same => size.div_ceil(s),
+            PaddingConfig2d::Explicit(t, _, b, _) => (size + t + b).saturating_sub(k) / s + 1,
+            _ => size.saturating_sub(k) / s + 1,
+        }
+    });
     let config = MobileNetV1Config {
         alpha: first_filters as f64 / 32.0,
         input_size: plan.input_size,
         num_classes: plan.classifier.as_ref().map(|c| c.classes),
         bn_eps: plan.convs.iter().map(|c| c.bn.eps).fold(0.0, f64::max),
         feature_dim: cin,
+        map_size,
     };
     Ok((MobileNetV1 { blocks, classifier }, config))
 }

@@ -17,15 +17,20 @@ pub fn home_dir() -> Option<PathBuf> {
         .or_else(|| dirs::cache_dir().map(|d| d.join("dltool")))
 }
 
-/// The places searched, in order, for any of `file_names` when no `--weights` is given.
-pub fn candidates(file_names: &[&str]) -> Vec<PathBuf> {
+/// The places searched, in order, for any of `file_names` (paths relative to a weights folder)
+/// when no `--weights` is given. `entry` is the registry entry `dltool weights fetch` installs
+/// for this network, in a folder of its own name.
+pub fn candidates(file_names: &[&str], entry: &str) -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from("assets/weights")];
     // A binary built from a checkout finds the checkout's assets wherever it is run from.
     dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/weights"));
     if let Some(home) = home_dir() {
         dirs.push(home.join("weights"));
-        // Where `dltool weights fetch` installs the registry's default InceptionV3.
-        dirs.push(home.join("weights").join("inception_v3_tf2015"));
+        // Where `dltool weights fetch` installs a single-file entry; folder entries (TF.js
+        // models) are named by their folder in `file_names` already.
+        if file_names.iter().all(|f| !f.contains('/')) {
+            dirs.push(home.join("weights").join(entry));
+        }
     }
     let mut out = Vec::new();
     if let Some(p) = std::env::var_os("DLTOOL_WEIGHTS") {
@@ -39,29 +44,34 @@ pub fn candidates(file_names: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// `explicit` if given (it must exist), else the first existing candidate, else an error that
-/// lists every place looked at and how to fill one.
-pub fn resolve(explicit: Option<&Path>, file_names: &[&str]) -> Result<PathBuf, String> {
+/// `explicit` if given, else the first existing candidate, else an error that lists every
+/// place looked at and how to fill one. `explicit` may be a file, a folder holding `model.json`
+/// (a TF.js model), or the name of a fetched registry entry (`mobilenet_v1_0.25_224`).
+pub fn resolve(
+    explicit: Option<&Path>,
+    file_names: &[&str],
+    entry: &str,
+) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return match std::fs::metadata(p) {
             Ok(m) if m.is_file() => Ok(p.to_path_buf()),
+            Ok(m) if m.is_dir() && p.join("model.json").is_file() => Ok(p.join("model.json")),
             Ok(_) => Err(format!("{}: weights path is not a file", p.display())),
-            Err(e) => Err(format!("{}: cannot read weights: {e}", p.display())),
+            Err(e) => match p.to_str().and_then(crate::registry::find) {
+                Some(known) => crate::registry::cached_path(known)
+                    .ok_or_else(|| crate::registry::not_fetched_error(known)),
+                None => Err(format!("{}: cannot read weights: {e}", p.display())),
+            },
         };
     }
-    let looked = candidates(file_names);
+    let looked = candidates(file_names, entry);
     if let Some(found) = looked.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
     let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
-    let file_name = file_names[0];
-    let target = home_dir()
-        .map(|h| h.join("weights").join(file_name).display().to_string())
-        .unwrap_or_else(|| format!("assets/weights/{file_name}"));
     Err(format!(
-        "no weights found for {} (looked for {}); run `dltool weights fetch inception_v3_tf2015`, \
-         pass --weights FILE, set DLTOOL_WEIGHTS, or copy the file to {target}",
-        file_names.join(" or "),
+        "no weights found (looked for {}); run `dltool weights fetch {entry}`, pass --weights \
+         FILE, or set DLTOOL_WEIGHTS",
         list.join(", ")
     ))
 }
@@ -92,7 +102,7 @@ mod tests {
 
     #[test]
     fn explicit_path_must_exist() {
-        let err = resolve(Some(Path::new("/nonexistent/w.safetensors")), &["x"]).unwrap_err();
+        let err = resolve(Some(Path::new("/nonexistent/w.safetensors")), &["x"], "x").unwrap_err();
         assert!(
             err.starts_with("/nonexistent/w.safetensors: cannot read weights"),
             "{err}"

@@ -6,12 +6,11 @@
 mod common;
 
 use burn::prelude::*;
-use common::{Golden, max_abs_diff, shared};
+use common::{Golden, make_pth, max_abs_diff, shared};
 use dltool::inception_v3::{self, BlockVariant, LoadError, WeightFormat};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::OnceLock;
 
 const WEIGHTS: &str = "weights/inception_v3_tf2015.safetensors";
@@ -53,20 +52,6 @@ fn shared_without(drop: &str) -> Vec<(String, TensorView<'static>)> {
     let kept: Vec<_> = tensors.into_iter().filter(|(n, _)| n != drop).collect();
     assert_eq!(kept.len() + 1, before, "{drop} is in the shared weights");
     kept
-}
-
-/// Runs `tests/fixtures/make_pth.py` on the shared weights.
-fn make_pth(out: &Path, args: &[&str]) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_pth.py");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let status = Command::new(&python)
-        .arg(&script)
-        .arg(shared(WEIGHTS))
-        .arg(out)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {python} (set PYTHON to a Python 3): {e}"));
-    assert!(status.success(), "make_pth.py {args:?} failed: {status}");
 }
 
 fn to_vec(t: Tensor<2>) -> Vec<f32> {

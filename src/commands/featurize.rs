@@ -1,13 +1,13 @@
 //! `dltool featurize`: images in, one feature row per image out.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneOptions, Pool};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
 use crate::features::{
     self, CsvFeatureWriter, FeatureError, Format, Row, SafetensorsFeatureWriter,
 };
 use crate::featurize::{self, Outcome};
 use crate::image_io::DEFAULT_MAX_PIXELS;
-use crate::inception_v3::{BlockVariant, Layer};
+use crate::inception_v3::BlockVariant;
 use crate::inputs::{self, Input};
 use crate::journal::{FileStamp, Journal};
 use anyhow::{Context, bail};
@@ -43,22 +43,24 @@ pub struct Args {
     #[arg(long, value_name = "csv|safetensors")]
     pub format: Option<Format>,
 
-    /// Weight file (safetensors or PyTorch state dict) [default: $DLTOOL_WEIGHTS, then
-    /// assets/weights/, then the user cache].
+    /// Weights: a file (InceptionV3 safetensors or PyTorch state dict; MobileNet v1 TF.js
+    /// model.json), a TF.js model folder, or a fetched registry name [default: $DLTOOL_WEIGHTS,
+    /// then assets/weights/, then the user cache].
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
-    /// Network to run.
-    #[arg(long, default_value = "inception_v3", value_parser = ["inception_v3"])]
-    pub backbone: String,
+    /// Network to run [default: what --weights is, else inception_v3].
+    #[arg(long, value_name = "inception_v3|mobilenet_v1")]
+    pub backbone: Option<BackboneKind>,
 
     /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
     #[arg(long, value_name = "VARIANT")]
     pub variant: Option<BlockVariant>,
 
-    /// Layer to read features from [mixed_5d|mixed_6e|mixed_7c].
-    #[arg(long, default_value = "mixed_7c", value_name = "LAYER")]
-    pub layer: Layer,
+    /// Layer to read features from: mixed_5d, mixed_6e or mixed_7c for InceptionV3
+    /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1.
+    #[arg(long, value_name = "LAYER")]
+    pub layer: Option<String>,
 
     /// Spatial pooling of the layer: avg, max, or none (flatten C*H*W, channel-major).
     #[arg(long, default_value = "avg", value_name = "avg|max|none")]
@@ -124,9 +126,10 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     }
 
     let opts = BackboneOptions {
+        kind: args.backbone,
         weights: args.weights.clone(),
         variant: args.variant,
-        layer: args.layer,
+        layer: args.layer.clone(),
         pool: args.pool,
     };
     let backbone = Backbone::load(&opts, Device::flex())?;

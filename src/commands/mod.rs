@@ -1,5 +1,6 @@
 //! One module per subcommand: argument parsing and output, over the library.
 
+pub mod classify;
 pub mod evaluate;
 pub mod featurize;
 pub mod predict;
@@ -8,7 +9,23 @@ pub mod train_head;
 pub mod weights;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal, Write};
+
+/// How images go through a network: shared by the commands that run one on images.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetworkArgs {
+    /// Images per network batch.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: u32,
+
+    /// Worker threads [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = crate::image_io::DEFAULT_MAX_PIXELS, value_name = "N")]
+    pub max_pixels: u64,
+}
 
 /// How a command ended, for the process exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,4 +68,118 @@ pub fn set_threads(threads: Option<u32>) {
             .num_threads(n as usize)
             .build_global();
     }
+}
+
+/// stdout, or a temporary file renamed into place when everything is written.
+pub enum Sink {
+    Stdout(std::io::StdoutLock<'static>),
+    File(BufWriter<crate::features::AtomicFile>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Stdout(s) => s.write(buf),
+            Sink::File(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(s) => s.flush(),
+            Sink::File(f) => f.flush(),
+        }
+    }
+}
+
+impl Sink {
+    /// `path`, or stdout for `None` and `-`.
+    pub fn open(path: Option<&std::path::Path>) -> anyhow::Result<Sink> {
+        Ok(match path {
+            Some(p) if p.as_os_str() != "-" => {
+                Sink::File(BufWriter::new(crate::features::AtomicFile::create(p)?))
+            }
+            _ => Sink::Stdout(std::io::stdout().lock()),
+        })
+    }
+
+    /// Flushes, and for a file renames it into place.
+    pub fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Sink::Stdout(mut s) => Ok(s.flush()?),
+            Sink::File(f) => {
+                let file = f.into_inner().map_err(|e| e.into_error())?;
+                Ok(file.commit()?)
+            }
+        }
+    }
+}
+
+/// Runs `network` (`dim` floats per image) over the images of `list` and writes what `format`
+/// makes of each result to `sink` as soon as it is ready, in input order; reports skipped
+/// inputs on stderr and, unless `quiet`, a summary (`{verb} N image(s)`). `Incomplete` when no
+/// image got through.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_images<N, F>(
+    backbone: &crate::backbone::Backbone,
+    list: &crate::inputs::InputList,
+    run: &NetworkArgs,
+    quiet: bool,
+    verb: &str,
+    dim: usize,
+    network: N,
+    sink: &mut Sink,
+    mut format: F,
+) -> anyhow::Result<Status>
+where
+    N: Fn(Vec<f32>, usize) -> Vec<f32>,
+    F: FnMut(&str, &[f32], &mut Vec<u8>) -> anyhow::Result<()>,
+{
+    use crate::featurize::Outcome;
+    for skip in &list.skipped {
+        eprintln!("skipped {}: {}", skip.display, skip.reason);
+    }
+    let progress = progress_bar(
+        list.inputs.len() as u64,
+        quiet,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+    );
+    let (mut done, mut skipped) = (0usize, list.skipped.len());
+    let mut line = Vec::new();
+    crate::featurize::run_network(
+        backbone,
+        &list.inputs,
+        run.batch_size as usize,
+        run.max_pixels,
+        dim,
+        network,
+        |i, outcome| {
+            let input = &list.inputs[i];
+            match outcome {
+                Outcome::Features(values) => {
+                    line.clear();
+                    format(&input.display, values, &mut line)?;
+                    sink.write_all(&line)?;
+                    // Each row reaches a pipe as soon as it exists.
+                    sink.flush()?;
+                    done += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    progress.suspend(|| eprintln!("skipped {}: {reason}", input.display));
+                    skipped += 1;
+                }
+            }
+            progress.inc(1);
+            Ok(())
+        },
+    )?;
+    progress.finish_and_clear();
+    if !quiet {
+        eprintln!("{verb} {done} image(s), skipped {skipped}");
+    }
+    Ok(if done == 0 {
+        eprintln!("dltool: no image was {verb}");
+        Status::Incomplete
+    } else {
+        Status::Ok
+    })
 }

@@ -1,15 +1,12 @@
 //! `dltool predict`: the whole model (backbone + head) on new images, or the head on features.
 
-use super::Status;
-use crate::backbone::{Backbone, BackboneOptions, Pool};
-use crate::features::{self, AtomicFile, FeatureMeta};
-use crate::featurize::{self, Outcome};
+use super::{Sink, Status};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
+use crate::features::{self, FeatureMeta};
 use crate::head::Head;
-use crate::image_io::DEFAULT_MAX_PIXELS;
-use crate::inception_v3::Layer;
 use crate::inputs;
 use anyhow::bail;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,54 +52,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
-    /// Images per network batch.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub batch_size: u32,
-
-    /// Worker threads [default: all cores].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub threads: Option<u32>,
+    #[command(flatten)]
+    pub run: super::NetworkArgs,
 
     /// No progress bar and no summary.
     #[arg(short, long)]
     pub quiet: bool,
-
-    /// Refuse images with more pixels than this (decompression-bomb guard).
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
-    pub max_pixels: u64,
-}
-
-/// stdout, or a temporary file renamed into place when everything is written.
-enum Sink {
-    Stdout(std::io::StdoutLock<'static>),
-    File(BufWriter<AtomicFile>),
-}
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sink::Stdout(s) => s.write(buf),
-            Sink::File(f) => f.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sink::Stdout(s) => s.flush(),
-            Sink::File(f) => f.flush(),
-        }
-    }
-}
-
-impl Sink {
-    fn finish(self) -> anyhow::Result<()> {
-        match self {
-            Sink::Stdout(mut s) => Ok(s.flush()?),
-            Sink::File(f) => {
-                let file = f.into_inner().map_err(|e| e.into_error())?;
-                Ok(file.commit()?)
-            }
-        }
-    }
 }
 
 /// Formats prediction rows.
@@ -194,15 +149,12 @@ impl Rows<'_> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Status> {
-    super::set_threads(args.threads);
+    super::set_threads(args.run.threads);
     if args.top_k == Some(0) {
         bail!("--top-k must be at least 1");
     }
     let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
-    let mut sink = match &args.output {
-        Some(p) if p.as_os_str() != "-" => Sink::File(BufWriter::new(AtomicFile::create(p)?)),
-        _ => Sink::Stdout(std::io::stdout().lock()),
-    };
+    let mut sink = Sink::open(args.output.as_deref())?;
     let mut rows = Rows {
         classes: &head.classes,
         top_k: args.top_k,
@@ -240,22 +192,35 @@ fn predict_images(
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
     let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
-    for skip in &list.skipped {
-        eprintln!("skipped {}: {}", skip.display, skip.reason);
-    }
     let p = &head.provenance;
-    let layer: Layer = p
-        .layer
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
+    let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: made for backbone '{}', which this dltool does not have",
+            args.head.display(),
+            p.backbone
+        )
+    })?;
     let pool: Pool = p
         .pool
         .parse()
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
+    if let Some(w) = args.weights.as_deref().filter(|w| w.exists()) {
+        let given = BackboneKind::of_weights(w);
+        if given != kind {
+            bail!(
+                "{}: the head was trained on {} features, but {} holds {} weights",
+                args.head.display(),
+                p.backbone,
+                w.display(),
+                given.name()
+            );
+        }
+    }
     let opts = BackboneOptions {
+        kind: Some(kind),
         weights: args.weights.clone(),
         variant: None,
-        layer,
+        layer: Some(p.layer.clone()),
         pool,
     };
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex())?;
@@ -269,46 +234,20 @@ fn predict_images(
         );
     }
 
-    let progress = super::progress_bar(
-        list.inputs.len() as u64,
-        args.quiet,
-        "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
-    );
-    let (mut done, mut skipped) = (0usize, list.skipped.len());
-    featurize::run(
+    super::stream_images(
         &backbone,
-        &list.inputs,
-        args.batch_size as usize,
-        args.max_pixels,
-        |i, outcome| {
-            let input = &list.inputs[i];
-            match outcome {
-                Outcome::Features(f) => {
-                    let probs = head.predict_proba(f, 1);
-                    sink.write_all(rows.format(&input.display, &probs)?)?;
-                    // Each row reaches a pipe as soon as it exists.
-                    sink.flush()?;
-                    done += 1;
-                }
-                Outcome::Skipped(reason) => {
-                    progress.suspend(|| eprintln!("skipped {}: {reason}", input.display));
-                    skipped += 1;
-                }
-            }
-            progress.inc(1);
+        &list,
+        &args.run,
+        args.quiet,
+        "predicted",
+        backbone.dim(),
+        |pixels, n| backbone.features(pixels, n),
+        sink,
+        |path, features, out| {
+            out.extend_from_slice(rows.format(path, &head.predict_proba(features, 1))?);
             Ok(())
         },
-    )?;
-    progress.finish_and_clear();
-    if !args.quiet {
-        eprintln!("predicted {done} image(s), skipped {skipped}");
-    }
-    Ok(if done == 0 {
-        eprintln!("dltool: no image was predicted");
-        Status::Incomplete
-    } else {
-        Status::Ok
-    })
+    )
 }
 
 /// The head only makes sense on the features of the network it was trained on.

@@ -1,10 +1,9 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneOptions, Pool};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{Head, HeadModel, TrainingSummary};
-use crate::inception_v3::{BlockVariant, InceptionV3Config, Layer};
 use crate::logistic::{self, LogisticParams};
 use crate::mlp::{self, Activation, MlpParams};
 use anyhow::bail;
@@ -98,13 +97,21 @@ pub struct Args {
     /// For CSV features: the weights they were made with [default: as featurize finds them].
     #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
     pub weights: Option<PathBuf>,
-    /// For CSV features: the layer they were read from.
+    /// For CSV features: the network they came from [default: what --weights is, else
+    /// inception_v3].
     #[arg(
         long,
-        default_value = "mixed_7c",
+        value_name = "inception_v3|mobilenet_v1",
         help_heading = "Provenance of CSV features"
     )]
-    pub layer: Layer,
+    pub backbone: Option<BackboneKind>,
+    /// For CSV features: the layer they were read from [default: the network's last].
+    #[arg(
+        long,
+        value_name = "LAYER",
+        help_heading = "Provenance of CSV features"
+    )]
+    pub layer: Option<String>,
     /// For CSV features: their pooling.
     #[arg(
         long,
@@ -167,9 +174,10 @@ fn provenance(args: &Args, table: &FeatureTable) -> anyhow::Result<FeatureMeta> 
         return Ok(meta.clone());
     }
     let opts = BackboneOptions {
+        kind: args.backbone,
         weights: args.weights.clone(),
         variant: None,
-        layer: args.layer,
+        layer: args.layer.clone(),
         pool: args.pool,
     };
     // Loading the network checks the weights really are a backbone and names its variant.
@@ -186,7 +194,7 @@ fn provenance(args: &Args, table: &FeatureTable) -> anyhow::Result<FeatureMeta> 
              --layer/--pool the features were made with",
             args.input.display(),
             table.dim,
-            args.layer.name(),
+            backbone.meta.layer,
             args.pool.name(),
             backbone.dim()
         );
@@ -199,11 +207,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let table = features::read_features(&args.input)?;
     let (classes, y) = classes_of(&table, &args.input)?;
     let meta = provenance(&args, &table)?;
-    let preprocess = meta
-        .backbone
-        .strip_prefix("inception_v3/")
-        .and_then(|v| v.parse::<BlockVariant>().ok())
-        .map(|v| InceptionV3Config::new(v).preprocess());
+    let preprocess = crate::backbone::preprocess_of(&meta.backbone);
     let k = classes.len();
     let n = table.len();
 

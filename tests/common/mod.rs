@@ -93,3 +93,18 @@ pub fn ok(cmd: &mut std::process::Command) -> String {
     assert!(out.status.success(), "command failed: {:?}", out.status);
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Writes a PyTorch state dict made from the shared InceptionV3 safetensors with
+/// tests/fixtures/make_pth.py (`--add-fc N`, `--add-aux`, `--drop NAME`, ...).
+pub fn make_pth(out: &std::path::Path, args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_pth.py");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let status = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(shared("weights/inception_v3_tf2015.safetensors"))
+        .arg(out)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {python} (set PYTHON to a Python 3): {e}"));
+    assert!(status.success(), "make_pth.py {args:?} failed: {status}");
+}
