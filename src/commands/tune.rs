@@ -151,6 +151,8 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         args.quiet,
         "{elapsed_precise} [{bar:30}] {pos}/{len} fits (combination x fold)  eta {eta}",
     );
+    // A single MLP fit can take minutes: keep the clock moving between finished fits.
+    bar.enable_steady_tick(Duration::from_millis(500));
     let finished: Arc<Mutex<Vec<FoldResult>>> = Arc::default();
     let results = {
         let (data, combinations, stop, bar, finished) = (
