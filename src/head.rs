@@ -8,8 +8,8 @@
 
 use crate::features::{AtomicFile, FeatureMeta};
 use crate::image_io::Preprocess;
-use crate::logistic::{LogisticModel, LogisticParams};
-use crate::mlp::{MlpModel, MlpParams};
+use crate::logistic::{self, LogisticModel, LogisticParams};
+use crate::mlp::{self, EpochReport, MlpModel, MlpParams};
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -37,6 +37,112 @@ impl HeadModel {
         match self {
             HeadModel::Logistic { .. } => "logistic",
             HeadModel::Mlp { .. } => "mlp",
+        }
+    }
+
+    /// Class probabilities for `n` rows of `dim` features: `n x classes` row-major.
+    pub fn predict_proba(&self, x: &[f32], n: usize, dim: usize) -> Vec<f64> {
+        debug_assert_eq!(x.len(), n * dim);
+        match self {
+            HeadModel::Logistic { model, .. } => x
+                .chunks_exact(dim)
+                .flat_map(|row| model.predict_proba(row))
+                .collect(),
+            HeadModel::Mlp { model, .. } => model.predict_proba(x, n),
+        }
+    }
+}
+
+/// Hyper-parameters of either head type: what `train-head` fits once and `tune` searches over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeadParams {
+    Logistic(LogisticParams),
+    Mlp(MlpParams),
+}
+
+impl HeadParams {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HeadParams::Logistic(_) => "logistic",
+            HeadParams::Mlp(_) => "mlp",
+        }
+    }
+
+    /// All parameters as a JSON object (the same text the head file records).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            HeadParams::Logistic(p) => serde_json::to_value(p),
+            HeadParams::Mlp(p) => serde_json::to_value(p),
+        };
+        value.expect("parameters are plain numbers, flags and lists")
+    }
+}
+
+/// Progress of a [`fit`]: solver iterations (logistic) or epochs (MLP).
+#[derive(Debug)]
+pub enum FitProgress<'a> {
+    Iteration { iteration: usize, objective: f64 },
+    Epoch(&'a EpochReport),
+}
+
+/// How a [`fit`] ended, for the messages a command prints.
+#[derive(Debug, Clone)]
+pub enum FitReport {
+    Logistic(logistic::FitReport),
+    Mlp(mlp::MlpReport),
+}
+
+/// Fits a head on `y.len()` rows of `x` (row-major, `dim` wide) with class indices in
+/// `0..num_classes`. Errors are one line, without a file name.
+pub fn fit(
+    params: &HeadParams,
+    x: &[f32],
+    dim: usize,
+    y: &[usize],
+    num_classes: usize,
+    mut on_progress: impl FnMut(FitProgress),
+) -> Result<(HeadModel, TrainingSummary, FitReport), String> {
+    let n = y.len();
+    match params {
+        HeadParams::Logistic(params) => {
+            let (model, report) = logistic::fit(x, dim, y, num_classes, params, |it, obj| {
+                on_progress(FitProgress::Iteration {
+                    iteration: it,
+                    objective: obj,
+                })
+            })?;
+            let correct = x
+                .chunks_exact(dim)
+                .zip(y)
+                .filter(|&(row, &label)| model.predict(row) == label)
+                .count();
+            let summary = TrainingSummary {
+                rows: n,
+                train_accuracy: correct as f64 / n as f64,
+                iterations: report.iterations,
+                converged: report.converged,
+            };
+            let model = HeadModel::Logistic {
+                model,
+                params: params.clone(),
+            };
+            Ok((model, summary, FitReport::Logistic(report)))
+        }
+        HeadParams::Mlp(params) => {
+            let (model, report) = mlp::fit(x, dim, y, num_classes, params, |e| {
+                on_progress(FitProgress::Epoch(e))
+            })?;
+            let summary = TrainingSummary {
+                rows: n,
+                train_accuracy: report.train_accuracy,
+                iterations: report.epochs_run,
+                converged: true,
+            };
+            let model = HeadModel::Mlp {
+                model,
+                params: params.clone(),
+            };
+            Ok((model, summary, FitReport::Mlp(report)))
         }
     }
 }
@@ -69,14 +175,7 @@ pub struct Head {
 impl Head {
     /// Class probabilities for `n` rows of `feature_dim` features: `n x classes` row-major.
     pub fn predict_proba(&self, x: &[f32], n: usize) -> Vec<f64> {
-        debug_assert_eq!(x.len(), n * self.feature_dim);
-        match &self.model {
-            HeadModel::Logistic { model, .. } => x
-                .chunks_exact(self.feature_dim)
-                .flat_map(|row| model.predict_proba(row))
-                .collect(),
-            HeadModel::Mlp { model, .. } => model.predict_proba(x, n),
-        }
+        self.model.predict_proba(x, n, self.feature_dim)
     }
 
     /// Writes the head atomically (temporary file renamed into place).

@@ -19,4 +19,5 @@ pub mod mlp;
 pub mod mobilenet_v1;
 pub mod registry;
 pub mod split;
+pub mod tune;
 pub mod weights;

@@ -19,6 +19,8 @@ enum Command {
     Split(commands::split::Args),
     /// Train a logistic-regression or MLP head on feature rows.
     TrainHead(commands::train_head::Args),
+    /// Cross-validated grid search over a head's hyper-parameters, in parallel.
+    Tune(commands::tune::Args),
     /// Measure a head on labelled features: accuracy, F1, log loss, confusion matrix.
     Evaluate(commands::evaluate::Args),
     /// Classify images (backbone + head) or feature rows (head only).
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::Featurize(args) => commands::featurize::run(args),
         Command::Split(args) => commands::split::run(args),
         Command::TrainHead(args) => commands::train_head::run(args),
+        Command::Tune(args) => commands::tune::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Classify(args) => commands::classify::run(args),
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Incomplete) => ExitCode::from(2),
+        Ok(Status::Interrupted) => ExitCode::from(130),
         Err(err) if commands::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dltool: error: {err:#}");

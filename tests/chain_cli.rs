@@ -2,63 +2,11 @@
 
 mod common;
 
-use common::{dltool, ok, run, shared, shared_dir};
-use dltool::features::{FeatureMeta, FeatureTable, Format, write_features};
+use common::{
+    blobs, dltool, fails_with, feature_meta as meta, ok, run, shared, shared_dir,
+    write_table as write,
+};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const SHARED_SHA: &str = "0e2b313a6e50d4a03c228570ed7aa34da66ebb9b58bf649e0947949a5f57de7e";
-
-/// One line on stderr, exit 1, mentioning `needle`.
-fn fails_with(cmd: &mut Command, needle: &str) {
-    let out = run(cmd);
-    assert_eq!(out.status.code(), Some(1), "expected a failure");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(needle), "'{needle}' not in: {stderr}");
-    assert!(!stderr.contains("panicked"));
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-}
-
-fn meta() -> FeatureMeta {
-    FeatureMeta {
-        backbone: "inception_v3/tf2015".into(),
-        weights_sha256: SHARED_SHA.into(),
-        layer: "mixed_7c".into(),
-        pool: "avg".into(),
-        dltool_version: env!("CARGO_PKG_VERSION").into(),
-    }
-}
-
-/// `per_class` rows of each class around well-separated centres, in `dim` dimensions.
-fn blobs(classes: &[&str], per_class: usize, dim: usize, seed: u64) -> FeatureTable {
-    let mut rng = dltool::split::SplitMix64::new(seed);
-    let mut uniform = move || (rng.next_u64() >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
-    let mut t = FeatureTable {
-        paths: vec![],
-        labels: vec![],
-        dim,
-        data: vec![],
-        meta: Some(meta()),
-    };
-    for (c, name) in classes.iter().enumerate() {
-        for i in 0..per_class {
-            t.paths.push(format!("photos/{name}/{i}.jpg"));
-            t.labels.push(name.to_string());
-            for d in 0..dim {
-                let centre = if d % classes.len() == c { 2.0 } else { 0.0 };
-                t.data.push(centre + uniform());
-            }
-        }
-    }
-    t
-}
-
-fn write(dir: &Path, name: &str, table: &FeatureTable) -> PathBuf {
-    let p = dir.join(name);
-    let format = Format::from_extension(&p).unwrap();
-    write_features(&p, format, table).unwrap();
-    p
-}
 
 #[test]
 fn split_is_stratified_deterministic_and_hash_stable() {

@@ -6,6 +6,7 @@ pub mod featurize;
 pub mod predict;
 pub mod split;
 pub mod train_head;
+pub mod tune;
 pub mod weights;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,6 +35,9 @@ pub enum Status {
     /// The command ran but its result is not complete (nothing featurized, or `--strict` and
     /// something skipped): exit code 2.
     Incomplete,
+    /// Ctrl-C stopped the command before it finished: exit code 130, as a shell reports a
+    /// process killed by SIGINT.
+    Interrupted,
 }
 
 /// True when `err` is a closed stdout (`dltool featurize x | head`): not worth a message.

@@ -3,9 +3,9 @@
 use super::Status;
 use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
 use crate::features::{self, FeatureMeta, FeatureTable};
-use crate::head::{Head, HeadModel, TrainingSummary};
-use crate::logistic::{self, LogisticParams};
-use crate::mlp::{self, Activation, MlpParams};
+use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
+use crate::logistic::LogisticParams;
+use crate::mlp::{Activation, MlpParams};
 use anyhow::bail;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,29 @@ pub struct Args {
     #[arg(short = 'o', long = "output", value_name = "HEAD")]
     pub output: PathBuf,
 
+    #[command(flatten)]
+    pub head: HeadFlags,
+
+    /// MLP: seed of initialization, shuffling, dropout and the validation split.
+    #[arg(long, default_value_t = 0, help_heading = "MLP")]
+    pub seed: u64,
+
+    #[command(flatten)]
+    pub provenance: ProvenanceFlags,
+
+    /// Worker threads [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+
+    /// No progress bar and no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// The head type and its hyper-parameters, shared by `train-head` and `tune` (where a `--grid`
+/// overrides the flags it names).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HeadFlags {
     /// Head type.
     #[arg(long = "head", value_enum, default_value = "logistic")]
     pub kind: HeadKind,
@@ -90,10 +113,38 @@ pub struct Args {
     /// MLP: epochs without validation improvement before stopping.
     #[arg(long, default_value_t = 10, help_heading = "MLP")]
     pub patience: usize,
-    /// MLP: seed of initialization, shuffling, dropout and the validation split.
-    #[arg(long, default_value_t = 0, help_heading = "MLP")]
-    pub seed: u64,
+}
 
+impl HeadFlags {
+    /// The parameters the flags describe; `seed` is the MLP's.
+    pub fn params(&self, seed: u64) -> HeadParams {
+        match self.kind {
+            HeadKind::Logistic => HeadParams::Logistic(LogisticParams {
+                reg: self.reg,
+                elastic_net: self.elastic_net,
+                max_iter: self.max_iter,
+                tol: self.tol,
+                fit_intercept: !self.no_intercept,
+                standardize: !self.no_standardize,
+            }),
+            HeadKind::Mlp => HeadParams::Mlp(MlpParams {
+                hidden: self.hidden.clone(),
+                activation: self.activation,
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                lr: self.lr,
+                dropout: self.dropout,
+                seed,
+                validation_fraction: self.validation_fraction,
+                patience: self.patience,
+            }),
+        }
+    }
+}
+
+/// Where CSV features came from (safetensors features say it themselves).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProvenanceFlags {
     /// For CSV features: the weights they were made with [default: as featurize finds them].
     #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
     pub weights: Option<PathBuf>,
@@ -119,14 +170,6 @@ pub struct Args {
         help_heading = "Provenance of CSV features"
     )]
     pub pool: Pool,
-
-    /// Worker threads [default: all cores].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub threads: Option<u32>,
-
-    /// No progress bar and no summary.
-    #[arg(short, long)]
-    pub quiet: bool,
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -168,112 +211,80 @@ pub fn classes_of(table: &FeatureTable, file: &Path) -> anyhow::Result<(Vec<Stri
     Ok((classes, y))
 }
 
-/// Where the features came from: their own metadata, or (CSV) what the flags say.
-fn provenance(args: &Args, table: &FeatureTable) -> anyhow::Result<FeatureMeta> {
+/// Where the features in `input` came from: their own metadata, or (CSV) what the flags say.
+pub fn provenance(
+    flags: &ProvenanceFlags,
+    table: &FeatureTable,
+    input: &Path,
+) -> anyhow::Result<FeatureMeta> {
     if let Some(meta) = &table.meta {
         return Ok(meta.clone());
     }
     let opts = BackboneOptions {
-        kind: args.backbone,
-        weights: args.weights.clone(),
+        kind: flags.backbone,
+        weights: flags.weights.clone(),
         variant: None,
-        layer: args.layer.clone(),
-        pool: args.pool,
+        layer: flags.layer.clone(),
+        pool: flags.pool,
     };
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
         anyhow::anyhow!(
             "{}: CSV features carry no provenance, and the weights they came from are needed \
              to record it: {e:#}",
-            args.input.display()
+            input.display()
         )
     })?;
     if table.dim != backbone.dim() {
         bail!(
             "{}: rows have {} features, but --layer {} --pool {} gives {}: pass the \
              --layer/--pool the features were made with",
-            args.input.display(),
+            input.display(),
             table.dim,
             backbone.meta.layer,
-            args.pool.name(),
+            flags.pool.name(),
             backbone.dim()
         );
     }
     Ok(backbone.meta)
 }
 
-pub fn run(args: Args) -> anyhow::Result<Status> {
-    super::set_threads(args.threads);
-    let table = features::read_features(&args.input)?;
-    let (classes, y) = classes_of(&table, &args.input)?;
-    let meta = provenance(&args, &table)?;
-    let preprocess = crate::backbone::preprocess_of(&meta.backbone);
-    let k = classes.len();
-    let n = table.len();
-
-    let (model, summary) = match args.kind {
-        HeadKind::Logistic => {
-            let params = LogisticParams {
-                reg: args.reg,
-                elastic_net: args.elastic_net,
-                max_iter: args.max_iter,
-                tol: args.tol,
-                fit_intercept: !args.no_intercept,
-                standardize: !args.no_standardize,
-            };
-            let bar = super::progress_bar(
-                params.max_iter as u64,
-                args.quiet,
-                "{elapsed_precise} [{bar:30}] iteration {pos}/{len}  loss {msg}",
-            );
-            let (model, report) =
-                logistic::fit(&table.data, table.dim, &y, k, &params, |it, obj| {
-                    bar.set_position(it as u64);
-                    bar.set_message(format!("{obj:.6}"));
-                })
-                .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
-            bar.finish_and_clear();
-            let correct = (0..n)
-                .filter(|&i| argmax(&model.predict_proba(table.row(i))) == y[i])
-                .count();
-            let summary = TrainingSummary {
-                rows: n,
-                train_accuracy: correct as f64 / n as f64,
-                iterations: report.iterations,
-                converged: report.converged,
-            };
-            if !args.quiet {
-                eprintln!(
-                    "logistic: {} iterations, objective {:.6}{}",
-                    report.iterations,
-                    report.objective,
-                    if report.converged {
-                        ""
-                    } else {
-                        " (not converged: raise --max-iter)"
-                    }
-                );
+/// Fits a head on every row of `table` (read from `input`) with a progress bar, and says on
+/// stderr how the fit ended unless `quiet`.
+pub fn fit_with_progress(
+    params: &HeadParams,
+    table: &FeatureTable,
+    y: &[usize],
+    num_classes: usize,
+    input: &Path,
+    quiet: bool,
+) -> anyhow::Result<(HeadModel, TrainingSummary)> {
+    let (len, template) = match params {
+        HeadParams::Logistic(p) => (
+            p.max_iter,
+            "{elapsed_precise} [{bar:30}] iteration {pos}/{len}  loss {msg}",
+        ),
+        HeadParams::Mlp(p) => (
+            p.epochs,
+            "{elapsed_precise} [{bar:30}] epoch {pos}/{len}  {msg}",
+        ),
+    };
+    let bar = super::progress_bar(len as u64, quiet, template);
+    let (model, summary, report) = head::fit(
+        params,
+        &table.data,
+        table.dim,
+        y,
+        num_classes,
+        |progress| match progress {
+            FitProgress::Iteration {
+                iteration,
+                objective,
+            } => {
+                bar.set_position(iteration as u64);
+                bar.set_message(format!("{objective:.6}"));
             }
-            (HeadModel::Logistic { model, params }, summary)
-        }
-        HeadKind::Mlp => {
-            let params = MlpParams {
-                hidden: args.hidden.clone(),
-                activation: args.activation,
-                epochs: args.epochs,
-                batch_size: args.batch_size,
-                lr: args.lr,
-                dropout: args.dropout,
-                seed: args.seed,
-                validation_fraction: args.validation_fraction,
-                patience: args.patience,
-            };
-            let bar = super::progress_bar(
-                params.epochs as u64,
-                args.quiet,
-                "{elapsed_precise} [{bar:30}] epoch {pos}/{len}  {msg}",
-            );
-            let (model, report) = mlp::fit(&table.data, table.dim, &y, k, &params, |e| {
+            FitProgress::Epoch(e) => {
                 bar.set_position(e.epoch as u64);
                 let mut msg = format!("loss {:.5}", e.train_loss);
                 if let Some(v) = e.val_loss {
@@ -283,59 +294,89 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
                     msg += &format!("  val acc {a:.4}");
                 }
                 bar.set_message(msg);
-            })
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
-            bar.finish_and_clear();
-            let summary = TrainingSummary {
-                rows: n,
-                train_accuracy: report.train_accuracy,
-                iterations: report.epochs_run,
-                converged: true,
-            };
-            if !args.quiet {
-                eprintln!(
-                    "mlp: {} epochs{}, best epoch {}",
-                    report.epochs_run,
-                    if report.stopped_early {
-                        " (stopped early)"
-                    } else {
-                        ""
-                    },
-                    report.best_epoch
-                );
             }
-            (HeadModel::Mlp { model, params }, summary)
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    bar.finish_and_clear();
+    if !quiet {
+        match report {
+            FitReport::Logistic(report) => eprintln!(
+                "logistic: {} iterations, objective {:.6}{}",
+                report.iterations,
+                report.objective,
+                if report.converged {
+                    ""
+                } else {
+                    " (not converged: raise --max-iter)"
+                }
+            ),
+            FitReport::Mlp(report) => eprintln!(
+                "mlp: {} epochs{}, best epoch {}",
+                report.epochs_run,
+                if report.stopped_early {
+                    " (stopped early)"
+                } else {
+                    ""
+                },
+                report.best_epoch
+            ),
         }
-    };
+    }
+    Ok((model, summary))
+}
 
+/// Writes a trained head with everything needed to use it later (classes, feature width,
+/// provenance, the backbone's preprocessing, the dltool version).
+pub fn save_head(
+    model: HeadModel,
+    training: TrainingSummary,
+    classes: Vec<String>,
+    feature_dim: usize,
+    provenance: FeatureMeta,
+    output: &Path,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let preprocess = crate::backbone::preprocess_of(&provenance.backbone);
     let head = Head {
         model,
         classes,
-        feature_dim: table.dim,
-        provenance: meta,
+        feature_dim,
+        provenance,
         preprocess,
         dltool_version: env!("CARGO_PKG_VERSION").into(),
-        training: summary,
+        training,
     };
-    head.save(&args.output).map_err(anyhow::Error::msg)?;
-    if !args.quiet {
+    head.save(output).map_err(anyhow::Error::msg)?;
+    if !quiet {
         eprintln!(
-            "trained a {} head on {n} rows, {k} classes: training accuracy {:.4}; wrote {}",
+            "trained a {} head on {} rows, {} classes: training accuracy {:.4}; wrote {}",
             head.model.kind(),
+            head.training.rows,
+            head.classes.len(),
             head.training.train_accuracy,
-            args.output.display()
+            output.display()
         );
     }
-    Ok(Status::Ok)
+    Ok(())
 }
 
-/// Index of the largest value (first on ties).
-pub fn argmax(p: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, v) in p.iter().enumerate() {
-        if *v > p[best] {
-            best = i;
-        }
-    }
-    best
+pub fn run(args: Args) -> anyhow::Result<Status> {
+    super::set_threads(args.threads);
+    let table = features::read_features(&args.input)?;
+    let (classes, y) = classes_of(&table, &args.input)?;
+    let meta = provenance(&args.provenance, &table, &args.input)?;
+    let params = args.head.params(args.seed);
+    let (model, summary) =
+        fit_with_progress(&params, &table, &y, classes.len(), &args.input, args.quiet)?;
+    save_head(
+        model,
+        summary,
+        classes,
+        table.dim,
+        meta,
+        &args.output,
+        args.quiet,
+    )?;
+    Ok(Status::Ok)
 }

@@ -1,7 +1,8 @@
 //! Shared test helpers: where ../shared lives and how to read golden tensors.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use dltool::features::{FeatureMeta, FeatureTable, Format, write_features};
+use std::path::{Path, PathBuf};
 
 /// `$DLTOOL_SHARED`, else `../shared` beside the crate. Tests that need it fail loudly without it.
 pub fn shared_dir() -> PathBuf {
@@ -107,4 +108,74 @@ pub fn make_pth(out: &std::path::Path, args: &[&str]) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {python} (set PYTHON to a Python 3): {e}"));
     assert!(status.success(), "make_pth.py {args:?} failed: {status}");
+}
+
+/// One line on stderr, exit 1, mentioning `needle`; returns that line.
+pub fn fails_with(cmd: &mut std::process::Command, needle: &str) -> String {
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(1), "expected a failure");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains(needle), "'{needle}' not in: {stderr}");
+    assert!(!stderr.contains("panicked"));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+/// SHA-256 of the shared InceptionV3 weights.
+pub const SHARED_SHA: &str = "0e2b313a6e50d4a03c228570ed7aa34da66ebb9b58bf649e0947949a5f57de7e";
+
+/// The provenance `featurize` records with the shared weights and its defaults.
+pub fn feature_meta() -> FeatureMeta {
+    FeatureMeta {
+        backbone: "inception_v3/tf2015".into(),
+        weights_sha256: SHARED_SHA.into(),
+        layer: "mixed_7c".into(),
+        pool: "avg".into(),
+        dltool_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// `per_class` rows of each class around well-separated centres, in `dim` dimensions.
+pub fn blobs(classes: &[&str], per_class: usize, dim: usize, seed: u64) -> FeatureTable {
+    blobs_with(classes, per_class, dim, seed, 2.0, 1.0)
+}
+
+/// `per_class` rows of each class: class `c` has `centre` in the dimensions `d` with
+/// `d % classes == c`, plus uniform noise of width `spread` everywhere.
+pub fn blobs_with(
+    classes: &[&str],
+    per_class: usize,
+    dim: usize,
+    seed: u64,
+    centre: f32,
+    spread: f32,
+) -> FeatureTable {
+    let mut rng = dltool::split::SplitMix64::new(seed);
+    let mut uniform = move || (rng.next_u64() >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+    let mut t = FeatureTable {
+        paths: vec![],
+        labels: vec![],
+        dim,
+        data: vec![],
+        meta: Some(feature_meta()),
+    };
+    for (c, name) in classes.iter().enumerate() {
+        for i in 0..per_class {
+            t.paths.push(format!("photos/{name}/{i}.jpg"));
+            t.labels.push(name.to_string());
+            for d in 0..dim {
+                let at = if d % classes.len() == c { centre } else { 0.0 };
+                t.data.push(at + spread * uniform());
+            }
+        }
+    }
+    t
+}
+
+/// Writes `table` to `dir/name` in the format its extension names.
+pub fn write_table(dir: &Path, name: &str, table: &FeatureTable) -> PathBuf {
+    let p = dir.join(name);
+    let format = Format::from_extension(&p).unwrap();
+    write_features(&p, format, table).unwrap();
+    p
 }
