@@ -66,6 +66,8 @@ impl Default for BackboneOptions {
 
 pub struct Backbone {
     model: InceptionV3,
+    /// The same network on the NHWC CPU engine; `None` runs burn (see `inception_fast::engine_from_env`).
+    fast: Option<crate::inception_fast::FastInceptionV3>,
     device: Device,
     pub preprocess: Preprocess,
     pub layer: Layer,
@@ -95,6 +97,7 @@ impl Backbone {
             dltool_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         Ok(Self {
+            fast: crate::inception_fast::engine_from_env(&model)?,
             model,
             device,
             preprocess,
@@ -122,6 +125,14 @@ impl Backbone {
     /// Features of `n` preprocessed images laid back to back in `pixels` (`n * input_len()`
     /// floats, CHW each); returns `n * dim()` floats, row-major.
     pub fn features(&self, pixels: Vec<f32>, n: usize) -> Vec<f32> {
+        if let Some(fast) = &self.fast {
+            let act = fast.forward_act(&pixels, n, self.layer);
+            return match self.pool {
+                Pool::Avg => act.global_avg(),
+                Pool::Max => act.global_max(),
+                Pool::None => act.to_nchw(),
+            };
+        }
         let (h, w) = (
             self.preprocess.height as usize,
             self.preprocess.width as usize,
