@@ -162,6 +162,9 @@ enum Net {
     Inception {
         model: Box<InceptionV3>,
         layer: Layer,
+        /// The same network on the NHWC CPU engine; `None` runs burn (see
+        /// `inception_fast::engine_from_env`).
+        fast: Option<Box<crate::inception_fast::FastInceptionV3>>,
     },
     MobileNet {
         model: MobileNetV1,
@@ -224,6 +227,7 @@ impl Backbone {
                 let (model, loaded) = inception_v3::load(path, opts.variant, &device)?;
                 (
                     Net::Inception {
+                        fast: crate::inception_fast::engine_from_env(&model)?.map(Box::new),
                         model: Box::new(model),
                         layer,
                     },
@@ -298,9 +302,22 @@ impl Backbone {
     /// Features of `n` preprocessed images laid back to back in `pixels` (`n * input_len()`
     /// floats, CHW each); returns `n * dim()` floats, row-major.
     pub fn features(&self, pixels: Vec<f32>, n: usize) -> Vec<f32> {
+        if let Net::Inception {
+            fast: Some(fast),
+            layer,
+            ..
+        } = &self.net
+        {
+            let act = fast.forward_act(&pixels, n, *layer);
+            return match self.pool {
+                Pool::Avg => act.global_avg(),
+                Pool::Max => act.global_max(),
+                Pool::None => act.to_nchw(),
+            };
+        }
         let x = self.input(pixels, n);
         let act = match &self.net {
-            Net::Inception { model, layer } => model.forward_to(x, *layer),
+            Net::Inception { model, layer, .. } => model.forward_to(x, *layer),
             Net::MobileNet { model } => model.forward_map(x),
         };
         let out = match self.pool {

@@ -646,6 +646,14 @@ impl InceptionV3 {
         }
     }
 
+    /// The block layout, read back from the last block's pool branch (max only in tf2015).
+    pub fn variant(&self) -> BlockVariant {
+        match self.Mixed_7c.pool {
+            BranchPool::Max(_) => BlockVariant::Tf2015,
+            BranchPool::Avg(_) => BlockVariant::Torchvision,
+        }
+    }
+
     pub fn has_classifier(&self) -> bool {
         self.fc.is_some()
     }

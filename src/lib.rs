@@ -5,10 +5,12 @@
 
 pub mod backbone;
 pub mod commands;
+pub mod cpu_conv;
 pub mod features;
 pub mod featurize;
 pub mod head;
 pub mod image_io;
+pub mod inception_fast;
 pub mod inception_v3;
 pub mod inputs;
 pub mod journal;

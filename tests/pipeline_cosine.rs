@@ -18,31 +18,7 @@ fn featurize_matches_reference_features_of_20_flowers() {
     let (shape, reference) = golden.tensor("features");
     assert_eq!(shape, vec![20, 2048]);
 
-    let flowers = shared_dir().join("flowers");
-    let stdin: String = images
-        .iter()
-        .map(|rel| format!("{}\n", flowers.join(rel).display()))
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f.safetensors");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dltool"))
-        .args(["featurize", "-", "--quiet", "-o"])
-        .arg(&out)
-        .arg("--weights")
-        .arg(shared("weights/inception_v3_tf2015.safetensors"))
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-
-    let table = dltool::features::read_features(&out).unwrap();
+    let table = featurize(&images, None);
     assert_eq!(table.len(), 20);
     assert_eq!(table.dim, 2048);
     let mut worst = 1.0f64;
@@ -60,6 +36,53 @@ fn featurize_matches_reference_features_of_20_flowers() {
     }
     eprintln!("worst cosine similarity: {worst:.6}");
     assert!(worst >= 0.995, "worst cosine similarity {worst} < 0.995");
+
+    // The burn model (DLTOOL_ENGINE=burn) and the default CPU engine compute the same function.
+    let burn = featurize(&images, Some("burn"));
+    let scale = burn.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = burn
+        .data
+        .iter()
+        .zip(&table.data)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("burn vs cpu engine: max |diff| {diff:e}, max |burn| {scale}");
+    assert!(
+        diff <= 1e-4 * scale,
+        "engines differ by {diff} (max |burn| {scale})"
+    );
+}
+
+/// `dltool featurize` of the given flowers into safetensors, with `DLTOOL_ENGINE` set if given.
+fn featurize(images: &[String], engine: Option<&str>) -> dltool::features::FeatureTable {
+    let flowers = shared_dir().join("flowers");
+    let stdin: String = images
+        .iter()
+        .map(|rel| format!("{}\n", flowers.join(rel).display()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f.safetensors");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dltool"));
+    if let Some(engine) = engine {
+        cmd.env("DLTOOL_ENGINE", engine);
+    }
+    let mut child = cmd
+        .args(["featurize", "-", "--quiet", "-o"])
+        .arg(&out)
+        .arg("--weights")
+        .arg(shared("weights/inception_v3_tf2015.safetensors"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    dltool::features::read_features(&out).unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {

@@ -1,0 +1,560 @@
+//! Inference-only convolution and pooling on the CPU in NHWC layout, for networks whose weights
+//! are known at load time.
+//!
+//! Why not the burn backend: burn-flex keeps activations NCHW and converts, im2cols and
+//! concatenates per call; on InceptionV3 that costs about three times the arithmetic. Here
+//! activations stay NHWC (one image pixel = one row of `c` floats), so
+//!
+//! * a 1x1 convolution is one GEMM over the activation as it lies in memory, and several 1x1
+//!   convolutions reading the same input are one GEMM with their weights side by side;
+//! * a kxk (or 1x7, 7x1) convolution builds im2col rows for a tile of output pixels, small
+//!   enough to stay in cache, and multiplies them in the same tile;
+//! * every convolution writes into a channel range of a wider output (the GEMM's row stride), so
+//!   an Inception block's concatenation costs nothing;
+//! * bias and ReLU run on each output tile right after its GEMM, while it is still in cache.
+//!
+//! The GEMM is the `gemm` crate (AVX-512/AVX2/NEON microkernels chosen at run time); work is
+//! split over output-pixel tiles on the rayon pool, one single-threaded GEMM per tile.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// `n` images of `h` x `w` pixels with `c` channels each, stored `[n][h][w][c]`.
+///
+/// Buffers of dropped activations are kept for the next ones: a network allocates the same
+/// few sizes batch after batch, and fresh multi-megabyte allocations cost page faults and
+/// zeroing on every layer.
+#[derive(Debug, Clone)]
+pub struct Act {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub data: Vec<f32>,
+}
+
+/// Buffers of dropped [`Act`]s, for reuse.
+static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// Spare buffers kept at most (an InceptionV3 forward pass has fewer live at once).
+const SPARE_MAX: usize = 24;
+
+impl Drop for Act {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        if data.is_empty() {
+            return;
+        }
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_MAX {
+            spare.push(data);
+        }
+    }
+}
+
+impl Act {
+    pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
+        let mut act = Self::new(n, h, w, c);
+        act.data.fill(0.0);
+        act
+    }
+
+    /// An activation whose values are left over from an earlier one: every element must be
+    /// written before it is read.
+    pub fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
+        let len = n * h * w * c;
+        let recycled = {
+            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+            // The smallest spare that is large enough, so big buffers stay for big layers.
+            let best = (0..spare.len())
+                .filter(|&i| spare[i].len() >= len)
+                .min_by_key(|&i| spare[i].len());
+            best.map(|i| spare.swap_remove(i))
+        };
+        let data = match recycled {
+            Some(mut v) => {
+                v.truncate(len);
+                v
+            }
+            None => vec![0.0; len],
+        };
+        Self { n, h, w, c, data }
+    }
+
+    /// Pixels (rows) in the whole batch.
+    pub fn rows(&self) -> usize {
+        self.n * self.h * self.w
+    }
+
+    /// Converts `n` images stored `[n][c][h][w]` (the usual tensor order) to NHWC.
+    pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
+        assert_eq!(src.len(), n * c * h * w, "NCHW input has the wrong length");
+        let mut out = Self::new(n, h, w, c);
+        transpose_each(src, &mut out.data, c, h * w);
+        out
+    }
+
+    /// The activation in `[n][c][h][w]` order.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.data.len()];
+        transpose_each(&self.data, &mut out, self.h * self.w, self.c);
+        out
+    }
+
+    /// Mean of every channel over each image's pixels: `[n][c]`.
+    pub fn global_avg(&self) -> Vec<f32> {
+        let plane = self.h * self.w;
+        let mut out = vec![0.0; self.n * self.c];
+        for (dst, img) in out.chunks_mut(self.c).zip(self.data.chunks(plane * self.c)) {
+            for px in img.chunks_exact(self.c) {
+                for (d, v) in dst.iter_mut().zip(px) {
+                    *d += v;
+                }
+            }
+            for d in dst.iter_mut() {
+                *d /= plane as f32;
+            }
+        }
+        out
+    }
+
+    /// Maximum of every channel over each image's pixels: `[n][c]`.
+    pub fn global_max(&self) -> Vec<f32> {
+        let plane = self.h * self.w;
+        let mut out = vec![f32::NEG_INFINITY; self.n * self.c];
+        for (dst, img) in out.chunks_mut(self.c).zip(self.data.chunks(plane * self.c)) {
+            for px in img.chunks_exact(self.c) {
+                for (d, v) in dst.iter_mut().zip(px) {
+                    *d = d.max(*v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Copies channels `src_c0..src_c0 + len` of `src` into channels `dst_c0..` of `self`.
+    pub fn copy_channels(&mut self, dst_c0: usize, src: &Act, src_c0: usize, len: usize) {
+        assert_eq!(self.rows(), src.rows(), "copy between different shapes");
+        assert!(dst_c0 + len <= self.c && src_c0 + len <= src.c);
+        let (dc, sc) = (self.c, src.c);
+        self.data
+            .par_chunks_mut(dc * 256)
+            .zip(src.data.par_chunks(sc * 256))
+            .for_each(|(d, s)| {
+                for (drow, srow) in d.chunks_exact_mut(dc).zip(s.chunks_exact(sc)) {
+                    drow[dst_c0..dst_c0 + len].copy_from_slice(&srow[src_c0..src_c0 + len]);
+                }
+            });
+    }
+}
+
+/// Transposes each `rows x cols` block of `src` (one per image) into `dst`.
+fn transpose_each(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
+    dst.par_chunks_mut(rows * cols)
+        .zip(src.par_chunks(rows * cols))
+        .for_each(|(dst, src)| {
+            for r in 0..rows {
+                for c in 0..cols {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        });
+}
+
+/// What happens to a GEMM result before it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `max(x + bias, 0)`
+    BiasRelu,
+    /// Left as the bare product (bias and ReLU follow later, e.g. after a pool).
+    None,
+}
+
+/// A convolution with its weights packed for `im2col x weights`: `w[k][cout]` with
+/// `k = (ky * kw + kx) * cin + ci`, BatchNorm already folded into weights and bias.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    w: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// Per output column: which epilogue applies (several convolutions fused into one GEMM may
+    /// want different ones).
+    epilogue: Vec<Epilogue>,
+}
+
+impl Conv {
+    /// From a weight in the usual `[cout][cin][kh][kw]` order and a bias of `cout` values.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        [cout, cin, kh, kw]: [usize; 4],
+        stride: [usize; 2],
+        pad: [usize; 2],
+    ) -> Self {
+        assert_eq!(weight.len(), cout * cin * kh * kw, "weight length");
+        assert_eq!(bias.len(), cout, "bias length");
+        let k = kh * kw * cin;
+        let mut w = vec![0.0; k * cout];
+        for co in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let src = ((co * cin + ci) * kh + ky) * kw + kx;
+                        w[((ky * kw + kx) * cin + ci) * cout + co] = weight[src];
+                    }
+                }
+            }
+        }
+        Self {
+            cin,
+            cout,
+            kernel: [kh, kw],
+            stride,
+            pad,
+            w,
+            bias: bias.to_vec(),
+            epilogue: vec![Epilogue::BiasRelu; cout],
+        }
+    }
+
+    /// This convolution with a different epilogue on all its outputs.
+    pub fn with_epilogue(mut self, e: Epilogue) -> Self {
+        self.epilogue.fill(e);
+        self
+    }
+
+    /// Several 1x1 convolutions of the same input as one, their outputs side by side in the
+    /// given order: one GEMM with a wider right-hand side instead of several narrow ones.
+    pub fn fuse_1x1(parts: &[Conv]) -> Self {
+        let cin = parts[0].cin;
+        for p in parts {
+            assert!(
+                p.cin == cin && p.kernel == [1, 1] && p.stride == [1, 1] && p.pad == [0, 0],
+                "only 1x1 convolutions of one input fuse"
+            );
+        }
+        let cout: usize = parts.iter().map(|p| p.cout).sum();
+        let mut w = Vec::with_capacity(cin * cout);
+        for ci in 0..cin {
+            for p in parts {
+                w.extend_from_slice(&p.w[ci * p.cout..(ci + 1) * p.cout]);
+            }
+        }
+        Self {
+            cin,
+            cout,
+            kernel: [1, 1],
+            stride: [1, 1],
+            pad: [0, 0],
+            w,
+            bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
+            epilogue: parts.iter().flat_map(|p| p.epilogue.clone()).collect(),
+        }
+    }
+
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.pad;
+        ((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1)
+    }
+
+    /// A fresh output activation holding this convolution's result of `x`.
+    pub fn forward(&self, x: &Act, x_c0: usize) -> Act {
+        let (ho, wo) = self.out_hw(x.h, x.w);
+        let mut out = Act::new(x.n, ho, wo, self.cout);
+        self.forward_into(x, x_c0, &mut out, 0);
+        out
+    }
+
+    /// Convolves channels `x_c0..x_c0 + cin` of `x` into channels `out_c0..out_c0 + cout` of
+    /// `out`, leaving the other channels of `out` alone.
+    pub fn forward_into(&self, x: &Act, x_c0: usize, out: &mut Act, out_c0: usize) {
+        let (ho, wo) = self.out_hw(x.h, x.w);
+        assert!(x_c0 + self.cin <= x.c, "input channels out of range");
+        assert!(out_c0 + self.cout <= out.c, "output channels out of range");
+        assert_eq!(
+            (out.n, out.h, out.w),
+            (x.n, ho, wo),
+            "output shape does not match the convolution"
+        );
+        let direct = self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0];
+        let k = self.kernel[0] * self.kernel[1] * self.cin;
+        let out_c = out.c;
+        split_rows(&mut out.data, out_c, tile_rows(if direct { 0 } else { k }))
+            .into_par_iter()
+            .for_each(|(r0, dst)| {
+                let m = dst.len() / out_c;
+                COLS.with(|cols| {
+                    let mut cols = cols.borrow_mut();
+                    let a_rs = if direct { x.c } else { k };
+                    let a = if direct {
+                        &x.data[r0 * x.c + x_c0..]
+                    } else {
+                        if cols.len() < m * k {
+                            cols.resize(m * k, 0.0);
+                        }
+                        self.im2col(x, x_c0, r0, m, ho, wo, &mut cols[..m * k]);
+                        &cols[..m * k]
+                    };
+                    self.gemm_tile(m, k, a, a_rs, &mut dst[out_c0..], out_c);
+                    self.epilogue_tile(dst, out_c, out_c0);
+                });
+            });
+    }
+
+    /// `dst[r * dst_rs + co] = sum_k a[r * a_rs + k] * w[k][co]` for `m` rows.
+    fn gemm_tile(
+        &self,
+        m: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+    ) {
+        if m == 0 {
+            return;
+        }
+        assert!(a.len() >= (m - 1) * a_rs + k);
+        assert!(dst.len() >= (m - 1) * dst_rs + self.cout);
+        // SAFETY: the asserts above keep every address gemm touches inside `a`, `dst` and
+        // `self.w` (k x cout); `dst` is borrowed mutably, so nothing else writes it.
+        unsafe {
+            gemm::gemm(
+                m,
+                self.cout,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_rs as isize,
+                false,
+                a.as_ptr(),
+                1,
+                a_rs as isize,
+                self.w.as_ptr(),
+                1,
+                self.cout as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+
+    /// Writes the im2col rows of output pixels `r0..r0 + m` (pixel order n, y, x) into `cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col(
+        &self,
+        x: &Act,
+        x_c0: usize,
+        r0: usize,
+        m: usize,
+        ho: usize,
+        wo: usize,
+        cols: &mut [f32],
+    ) {
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.pad;
+        let cin = self.cin;
+        let k = kh * kw * cin;
+        // With all of the input's channels, a kernel row's pixels lie side by side in memory.
+        let whole = x_c0 == 0 && x.c == cin;
+        for (i, row) in cols.chunks_exact_mut(k).enumerate().take(m) {
+            let r = r0 + i;
+            let img = r / (ho * wo);
+            let oy = (r / wo) % ho;
+            let ox = r % wo;
+            for ky in 0..kh {
+                let iy = (oy * sh + ky) as isize - ph as isize;
+                let ix0 = (ox * sw) as isize - pw as isize;
+                let inside = iy >= 0 && iy < x.h as isize && ix0 >= 0;
+                if whole && inside && ix0 as usize + kw <= x.w {
+                    let p = ((img * x.h + iy as usize) * x.w + ix0 as usize) * cin;
+                    row[ky * kw * cin..(ky + 1) * kw * cin]
+                        .copy_from_slice(&x.data[p..p + kw * cin]);
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * sw + kx) as isize - pw as isize;
+                    let dst = &mut row[(ky * kw + kx) * cin..(ky * kw + kx + 1) * cin];
+                    if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
+                        dst.fill(0.0);
+                    } else {
+                        let p = (img * x.h + iy as usize) * x.w + ix as usize;
+                        dst.copy_from_slice(&x.data[p * x.c + x_c0..p * x.c + x_c0 + cin]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn epilogue_tile(&self, dst: &mut [f32], dst_rs: usize, dst_c0: usize) {
+        let all_relu = self.epilogue.iter().all(|e| *e == Epilogue::BiasRelu);
+        for row in dst.chunks_exact_mut(dst_rs) {
+            let row = &mut row[dst_c0..dst_c0 + self.cout];
+            if all_relu {
+                for (v, b) in row.iter_mut().zip(&self.bias) {
+                    *v = (*v + b).max(0.0);
+                }
+            } else {
+                for ((v, b), e) in row.iter_mut().zip(&self.bias).zip(&self.epilogue) {
+                    if *e == Epilogue::BiasRelu {
+                        *v = (*v + b).max(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread im2col scratch, reused across tiles and layers.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Output pixels per tile: (for im2col) few enough that a tile's im2col matrix stays in the
+/// per-core cache, never so few that the GEMM gets inefficient (measured: below ~128 rows it
+/// loses 10-30%).
+///
+/// Tiles depend on the layer alone, never on the batch size or the thread count, and
+/// [`split_rows`] never leaves a short last tile: gemm takes other code paths for tiny
+/// products (a GEMV for one row; another depth blocking at 64 x 64 and below) that round
+/// differently, and features must not depend on how images were batched.
+fn tile_rows(k: usize) -> usize {
+    if k == 0 {
+        256
+    } else {
+        ((256 * 1024) / (4 * k)).clamp(128, 512)
+    }
+}
+
+/// `data` (rows of `row_len` floats) cut into tiles of `tile` rows, the remainder joined to the
+/// last tile when shorter than 65 rows (see [`tile_rows`]); each with its first row.
+fn split_rows(data: &mut [f32], row_len: usize, tile: usize) -> Vec<(usize, &mut [f32])> {
+    let rows = data.len() / row_len;
+    let mut tiles = Vec::with_capacity(rows / tile + 1);
+    let mut rest = data;
+    let mut r0 = 0;
+    while r0 < rows {
+        let left = rows - r0;
+        let m = if left < tile + 65 { left } else { tile };
+        let (head, tail) = rest.split_at_mut(m * row_len);
+        tiles.push((r0, head));
+        rest = tail;
+        r0 += m;
+    }
+    tiles
+}
+
+/// 3x3 max pool, stride 2, no padding, of `x` into channels `out_c0..` of `out`.
+pub fn max_pool_3x3_s2_into(x: &Act, out: &mut Act, out_c0: usize) {
+    let (ho, wo) = ((x.h - 3) / 2 + 1, (x.w - 3) / 2 + 1);
+    assert_eq!((out.n, out.h, out.w), (x.n, ho, wo));
+    assert!(out_c0 + x.c <= out.c);
+    let (c, out_c) = (x.c, out.c);
+    out.data
+        .par_chunks_mut(wo * out_c)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (img, oy) = (row / ho, row % ho);
+            for ox in 0..wo {
+                let d = &mut dst[ox * out_c + out_c0..ox * out_c + out_c0 + c];
+                d.fill(f32::NEG_INFINITY);
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let p = (img * x.h + oy * 2 + ky) * x.w + ox * 2 + kx;
+                        for (a, v) in d.iter_mut().zip(&x.data[p * c..(p + 1) * c]) {
+                            *a = if *v > *a { *v } else { *a };
+                        }
+                    }
+                }
+            }
+        });
+}
+
+pub fn max_pool_3x3_s2(x: &Act) -> Act {
+    let mut out = Act::new(x.n, (x.h - 3) / 2 + 1, (x.w - 3) / 2 + 1, x.c);
+    max_pool_3x3_s2_into(x, &mut out, 0);
+    out
+}
+
+/// Kind of a 3x3, stride 1, padding 1 pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool3x3 {
+    /// Average; `include_pad` divides by 9 everywhere, otherwise by the pixels inside the image.
+    Avg { include_pad: bool },
+    /// Maximum over the pixels inside the image.
+    Max,
+}
+
+/// 3x3 stride-1 pool of channels `x_c0..x_c0 + c` of `x` into channels `out_c0..` of `out`,
+/// then `max(v + bias, 0)` when `bias_relu` is given.
+pub fn pool_3x3_s1_into(
+    kind: Pool3x3,
+    x: &Act,
+    x_c0: usize,
+    c: usize,
+    bias_relu: Option<&[f32]>,
+    out: &mut Act,
+    out_c0: usize,
+) {
+    assert_eq!((out.n, out.h, out.w), (x.n, x.h, x.w));
+    assert!(x_c0 + c <= x.c && out_c0 + c <= out.c);
+    if let Some(b) = bias_relu {
+        assert_eq!(b.len(), c);
+    }
+    let (h, w, xc, out_c) = (x.h, x.w, x.c, out.c);
+    out.data
+        .par_chunks_mut(w * out_c)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (img, oy) = (row / h, row % h);
+            let ys = oy.saturating_sub(1)..(oy + 2).min(h);
+            for ox in 0..w {
+                let xs = ox.saturating_sub(1)..(ox + 2).min(w);
+                let d = &mut dst[ox * out_c + out_c0..ox * out_c + out_c0 + c];
+                let init = if kind == Pool3x3::Max {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                };
+                d.fill(init);
+                for iy in ys.clone() {
+                    for ix in xs.clone() {
+                        let p = ((img * h + iy) * w + ix) * xc + x_c0;
+                        let src = &x.data[p..p + c];
+                        if kind == Pool3x3::Max {
+                            for (a, v) in d.iter_mut().zip(src) {
+                                *a = if *v > *a { *v } else { *a };
+                            }
+                        } else {
+                            for (a, v) in d.iter_mut().zip(src) {
+                                *a += v;
+                            }
+                        }
+                    }
+                }
+                if let Pool3x3::Avg { include_pad } = kind {
+                    let count = if include_pad { 9 } else { ys.len() * xs.len() };
+                    let inv = 1.0 / count as f32;
+                    for a in d.iter_mut() {
+                        *a *= inv;
+                    }
+                }
+                if let Some(b) = bias_relu {
+                    for (a, b) in d.iter_mut().zip(b) {
+                        *a = (*a + b).max(0.0);
+                    }
+                }
+            }
+        });
+}

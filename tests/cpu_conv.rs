@@ -1,0 +1,177 @@
+//! The NHWC convolution and pooling kernels against straightforward definitions.
+
+use dltool::cpu_conv::*;
+
+/// Straightforward NCHW convolution with bias and ReLU.
+#[allow(clippy::too_many_arguments)]
+fn reference_conv(
+    x: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    wt: &[f32],
+    b: &[f32],
+    [cout, kh, kw]: [usize; 3],
+    [sh, sw]: [usize; 2],
+    [ph, pw]: [usize; 2],
+) -> (Vec<f32>, usize, usize) {
+    let ho = (h + 2 * ph - kh) / sh + 1;
+    let wo = (w + 2 * pw - kw) / sw + 1;
+    let mut out = vec![0.0; n * cout * ho * wo];
+    for i in 0..n {
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut s = b[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * sh + ky) as isize - ph as isize;
+                                let ix = (ox * sw + kx) as isize - pw as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[((i * cin + ci) * h + iy as usize) * w + ix as usize];
+                                let wv = wt[((co * cin + ci) * kh + ky) * kw + kx];
+                                s += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    out[((i * cout + co) * ho + oy) * wo + ox] = s.max(0.0) as f32;
+                }
+            }
+        }
+    }
+    (out, ho, wo)
+}
+
+fn pseudo(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+#[test]
+fn conv_matches_direct_convolution_for_every_kernel_shape_inception_uses() {
+    // (cin, cout, kh, kw, stride, pad): 1x1, 3x3 valid/same/stride 2, 5x5, 1x7, 7x1.
+    let cases = [
+        (5, 7, 1, 1, 1, [0, 0]),
+        (3, 4, 3, 3, 2, [0, 0]),
+        (6, 5, 3, 3, 1, [1, 1]),
+        (4, 3, 5, 5, 1, [2, 2]),
+        (4, 6, 1, 7, 1, [0, 3]),
+        (4, 6, 7, 1, 1, [3, 0]),
+        (8, 9, 3, 3, 2, [0, 0]),
+    ];
+    let (n, h, w) = (2, 11, 9);
+    for (i, &(cin, cout, kh, kw, s, pad)) in cases.iter().enumerate() {
+        let x = pseudo(n * cin * h * w, 1 + i as u64);
+        let wt = pseudo(cout * cin * kh * kw, 100 + i as u64);
+        let b = pseudo(cout, 200 + i as u64);
+        let (want, ho, wo) =
+            reference_conv(&x, [n, cin, h, w], &wt, &b, [cout, kh, kw], [s, s], pad);
+        let conv = Conv::new(&wt, &b, [cout, cin, kh, kw], [s, s], pad);
+        // Input as a channel slice of a wider activation, output into a wider one.
+        let mut wide = Act::zeros(n, h, w, cin + 3);
+        wide.copy_channels(2, &Act::from_nchw(&x, n, cin, h, w), 0, cin);
+        let mut out = Act::zeros(n, ho, wo, cout + 4);
+        conv.forward_into(&wide, 2, &mut out, 1);
+        let mut got = Act::zeros(n, ho, wo, cout);
+        got.copy_channels(0, &out, 1, cout);
+        let got = got.to_nchw();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "case {i}: max diff {diff}");
+        // The channels around the written range stay untouched.
+        assert!(
+            out.data
+                .chunks(cout + 4)
+                .all(|r| r[0] == 0.0 && r[cout + 1..] == [0.0; 3])
+        );
+    }
+}
+
+#[test]
+fn fused_1x1_equals_separate_convolutions() {
+    let (n, h, w, cin) = (1, 5, 4, 6);
+    let x = Act::from_nchw(&pseudo(n * cin * h * w, 7), n, cin, h, w);
+    let a = Conv::new(
+        &pseudo(3 * cin, 8),
+        &pseudo(3, 9),
+        [3, cin, 1, 1],
+        [1, 1],
+        [0, 0],
+    );
+    let b = Conv::new(
+        &pseudo(4 * cin, 10),
+        &pseudo(4, 11),
+        [4, cin, 1, 1],
+        [1, 1],
+        [0, 0],
+    )
+    .with_epilogue(Epilogue::None);
+    let fused = Conv::fuse_1x1(&[a.clone(), b.clone()]).forward(&x, 0);
+    let (ya, yb) = (a.forward(&x, 0), b.forward(&x, 0));
+    for r in 0..x.rows() {
+        assert_eq!(fused.data[r * 7..r * 7 + 3], ya.data[r * 3..r * 3 + 3]);
+        assert_eq!(fused.data[r * 7 + 3..r * 7 + 7], yb.data[r * 4..r * 4 + 4]);
+    }
+    // Epilogue::None leaves negative values: the bare product, no bias.
+    assert!(yb.data.iter().any(|v| *v < 0.0));
+}
+
+#[test]
+fn pools_match_their_definitions() {
+    let (n, h, w, c) = (2, 5, 6, 3);
+    let x = Act::from_nchw(&pseudo(n * c * h * w, 3), n, c, h, w);
+    let at = |img: usize, y: usize, xx: usize, ch: usize| x.data[((img * h + y) * w + xx) * c + ch];
+    for kind in [
+        Pool3x3::Max,
+        Pool3x3::Avg { include_pad: true },
+        Pool3x3::Avg { include_pad: false },
+    ] {
+        let mut out = Act::zeros(n, h, w, c);
+        pool_3x3_s1_into(kind, &x, 0, c, None, &mut out, 0);
+        for img in 0..n {
+            for y in 0..h {
+                for xx in 0..w {
+                    for ch in 0..c {
+                        let mut vals = vec![];
+                        for dy in -1isize..=1 {
+                            for dx in -1isize..=1 {
+                                let (yy, x2) = (y as isize + dy, xx as isize + dx);
+                                if yy >= 0 && x2 >= 0 && yy < h as isize && x2 < w as isize {
+                                    vals.push(at(img, yy as usize, x2 as usize, ch));
+                                }
+                            }
+                        }
+                        let want = match kind {
+                            Pool3x3::Max => vals.iter().copied().fold(f32::MIN, f32::max),
+                            Pool3x3::Avg { include_pad: true } => vals.iter().sum::<f32>() / 9.0,
+                            Pool3x3::Avg { include_pad: false } => {
+                                vals.iter().sum::<f32>() / vals.len() as f32
+                            }
+                        };
+                        let got = out.data[((img * h + y) * w + xx) * c + ch];
+                        assert!((got - want).abs() < 1e-6, "{kind:?}");
+                    }
+                }
+            }
+        }
+    }
+    let pooled = max_pool_3x3_s2(&x);
+    assert_eq!((pooled.h, pooled.w), (2, 2));
+    let want = (0..3)
+        .flat_map(|y| (0..3).map(move |xx| (y, xx)))
+        .map(|(y, xx)| at(1, 2 + y, 2 + xx, 2))
+        .fold(f32::MIN, f32::max);
+    // Image 1, output pixel (1, 1), channel 2.
+    assert_eq!(pooled.data[((2 + 1) * 2 + 1) * c + 2], want);
+}
