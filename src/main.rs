@@ -25,6 +25,8 @@ enum Command {
     Predict(commands::predict::Args),
     /// Known pretrained weights: list, fetch, import, verify, path.
     Weights(commands::weights::Args),
+    /// Speed side by side with PyTorch and ONNX Runtime: images/s, peak RSS, GFLOP/s.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Weights(args) => commands::weights::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
