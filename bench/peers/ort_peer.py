@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ONNX Runtime peer of `dltool featurize`: torch_peer.py's module exported to ONNX once (cached
 by the weights' SHA-256), then run on the CPU provider with intra_op_num_threads = --threads,
-inter_op 1, sequential execution and every graph optimisation.
+inter_op 1, sequential execution, every graph optimisation and no spin-waiting.
 
 torch is imported only when the cached model is missing, so a timed run's memory is
 ONNX Runtime's alone.
@@ -71,6 +71,9 @@ def main():
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads wait instead of spinning, as torch_peer's OpenMP threads do: on a
+    # machine shared with other work, spinning threads take the cores the working ones need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
