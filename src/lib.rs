@@ -4,6 +4,7 @@
 //! `featurize` → `features`); `commands` holds the thin subcommand layers the binary calls.
 
 pub mod backbone;
+pub mod bench;
 pub mod commands;
 pub mod cpu_conv;
 pub mod features;

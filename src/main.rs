@@ -29,6 +29,8 @@ enum Command {
     Classify(commands::classify::Args),
     /// Known pretrained weights: list, fetch, import, verify, path.
     Weights(commands::weights::Args),
+    /// Speed side by side with PyTorch and ONNX Runtime: images/s, peak RSS, GFLOP/s.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => commands::predict::run(args),
         Command::Classify(args) => commands::classify::run(args),
         Command::Weights(args) => commands::weights::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! One module per subcommand: argument parsing and output, over the library.
 
+pub mod bench;
 pub mod classify;
 pub mod evaluate;
 pub mod featurize;

@@ -1,0 +1,806 @@
+//! `dltool bench`: dltool and its PyTorch / ONNX Runtime peers (bench/peers) side by side,
+//! network only and end to end, over a matrix of batch sizes and thread counts.
+//!
+//! Every measured run is its own child process, so each has its own peak RSS and no run
+//! inherits another's warm caches or thread pools; the tools take turns run by run, so a
+//! slow spell of a busy machine hits all of them alike.
+
+use super::Status;
+use crate::backbone::{Backbone, BackboneOptions};
+use crate::bench::{self, ChildRun, FLOP_PER_IMAGE, Peak};
+use crate::image_io::{self, DEFAULT_MAX_PIXELS};
+use crate::inputs;
+use anyhow::{Context, bail};
+use burn::prelude::Device;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Preprocessed batches already in memory; only the network is timed.
+    Network,
+    /// Decode, resize, network and writing the features, for every image.
+    E2e,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Network => "network",
+            Mode::E2e => "e2e",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Runs, for every mode x batch x threads, each tool --repeat times, taking turns, each run in a \
+child process: dltool network-only (a worker that preprocesses the images, then times \
+Backbone::features over the batches after one warm-up batch), dltool end-to-end (`dltool \
+featurize` on the images, its own timing line) and the peers found in --peers \
+(torch_peer.py, ort_peer.py), run with --python. Make the peers' venv with \
+`bash bench/peers/setup.sh`; without it dltool runs alone.
+
+Prints images/s (median and range over the repeats), dltool's speed as a multiple of each \
+peer's, the peak RSS of the child, and GFLOP/s (11.4 GFLOP per image) against the FP32 peak \
+this machine reaches with an FMA loop on the same number of threads.")]
+pub struct Args {
+    /// Image folder, walked like `dltool featurize DIR` [default: $DLTOOL_SHARED/flowers,
+    /// else ../shared/flowers].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Use the first N images of the folder's sorted list.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub images: u32,
+
+    /// Modes to run, comma-separated [network, e2e].
+    #[arg(long, value_delimiter = ',', default_values = ["network", "e2e"], value_name = "MODE")]
+    pub mode: Vec<Mode>,
+
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "8", "32"], value_name = "B",
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: Vec<u32>,
+
+    /// Thread counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "2"], value_name = "T",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Vec<u32>,
+
+    /// Runs of each tool per configuration; the table shows their median.
+    #[arg(long, default_value_t = 3, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+
+    /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers need it
+    /// in safetensors.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+
+    /// Golden net.safetensors (input -> pool) every tool checks its network against at
+    /// startup [default: $DLTOOL_SHARED/golden/inception_v3_tf2015/net.safetensors, if there].
+    #[arg(long, value_name = "FILE")]
+    pub golden: Option<PathBuf>,
+
+    /// Folder of the peer scripts [default: bench/peers, here or in the source tree].
+    #[arg(long, value_name = "DIR")]
+    pub peers: Option<PathBuf>,
+
+    /// Python for the peers [default: PEERS/../.venv/bin/python].
+    #[arg(long, value_name = "FILE")]
+    pub python: Option<PathBuf>,
+
+    /// Run dltool alone.
+    #[arg(long)]
+    pub no_peers: bool,
+
+    /// Print the results as one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Internal: be the dltool network-only child (one mode, batch and thread count).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+/// What a child reports on its last stdout line (the peers print the same keys).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Report {
+    tool: String,
+    images: usize,
+    seconds: f64,
+    img_per_s: f64,
+    #[serde(default)]
+    golden_max_abs_diff: Option<f64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<Status> {
+    if args.worker {
+        return worker(&args);
+    }
+    driver(&args)
+}
+
+fn shared_dir() -> PathBuf {
+    std::env::var_os("DLTOOL_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("../shared"))
+}
+
+fn single<T: Copy>(values: &[T], flag: &str) -> anyhow::Result<T> {
+    match values {
+        [v] => Ok(*v),
+        _ => bail!("--worker takes exactly one {flag}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dltool network-only child
+
+fn worker(args: &Args) -> anyhow::Result<Status> {
+    if single(&args.mode, "--mode")? != Mode::Network {
+        bail!("--worker measures --mode network only (e2e runs `dltool featurize`)");
+    }
+    let batch = single(&args.batch, "--batch")? as usize;
+    let threads = single(&args.threads, "--threads")?;
+    let dir = args.dir.as_ref().context("--worker needs --dir")?;
+    super::set_threads(Some(threads));
+
+    let opts = BackboneOptions {
+        weights: args.weights.clone(),
+        ..BackboneOptions::default()
+    };
+    let backbone = Backbone::load(&opts, Device::flex())?;
+    let diff = match &args.golden {
+        Some(g) => Some(golden_max_abs_diff(&backbone, g)?),
+        None => None,
+    };
+
+    let list = list_images(dir, args.images as usize)?;
+    let pre = backbone.preprocess;
+    let pixels: Vec<Vec<f32>> = list
+        .par_iter()
+        .map(|input| {
+            image_io::load_for_network(&input.path, &pre, DEFAULT_MAX_PIXELS)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let batches: Vec<(Vec<f32>, usize)> = pixels
+        .chunks(batch)
+        .map(|c| (c.concat(), c.len()))
+        .collect();
+
+    // One untimed batch first, as the peers do: first-call costs are not throughput.
+    let (first, n) = &batches[0];
+    std::hint::black_box(backbone.features(first.clone(), *n));
+    let started = Instant::now();
+    for (px, n) in batches {
+        std::hint::black_box(backbone.features(px, n));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let report = Report {
+        tool: "dltool".into(),
+        images: list.len(),
+        seconds,
+        img_per_s: list.len() as f64 / seconds,
+        golden_max_abs_diff: diff,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(Status::Ok)
+}
+
+/// The first `n` images of `dir` in featurize's order.
+fn list_images(dir: &Path, n: usize) -> anyhow::Result<Vec<inputs::Input>> {
+    if !dir.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    let arg = dir.to_string_lossy().into_owned();
+    let mut list = inputs::collect(&[arg], &mut std::io::empty())
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .inputs;
+    if list.is_empty() {
+        bail!("{}: no images", dir.display());
+    }
+    list.truncate(n);
+    Ok(list)
+}
+
+/// max |features(input) - pool| over the golden file's images.
+fn golden_max_abs_diff(backbone: &Backbone, path: &Path) -> anyhow::Result<f64> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let tensor = |name: &str| -> anyhow::Result<Vec<f32>> {
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: tensor `{name}` is not f32", path.display());
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4-byte chunk")))
+            .collect())
+    };
+    let (input, pool) = (tensor("input")?, tensor("pool")?);
+    let n = input.len() / backbone.input_len();
+    if n == 0 || n * backbone.input_len() != input.len() || pool.len() != n * backbone.dim() {
+        bail!(
+            "{}: `input`/`pool` do not fit the network's input and feature sizes",
+            path.display()
+        );
+    }
+    let got = backbone.features(input, n);
+    Ok(got
+        .iter()
+        .zip(&pool)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .fold(0.0, f64::max))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver
+
+/// One tool the driver runs.
+#[derive(Debug, Clone)]
+enum Tool {
+    Dltool,
+    Peer {
+        name: String,
+        python: PathBuf,
+        script: PathBuf,
+    },
+}
+
+impl Tool {
+    fn name(&self) -> &str {
+        match self {
+            Tool::Dltool => "dltool",
+            Tool::Peer { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    img_per_s: f64,
+    seconds: f64,
+    wall_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Scratch folder removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the driver needs for every child.
+#[derive(Clone)]
+struct Setup {
+    exe: PathBuf,
+    images_dir: PathBuf,
+    out_dir: PathBuf,
+    images: usize,
+    weights: PathBuf,
+    golden: Option<PathBuf>,
+}
+
+fn driver(args: &Args) -> anyhow::Result<Status> {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| shared_dir().join("flowers"));
+    // The benchmark is about the shared data set: its weights are the fallback.
+    let shared_weights = shared_dir().join("weights/inception_v3_tf2015.safetensors");
+    let weights = crate::weights::resolve(
+        args.weights.as_deref(),
+        crate::weights::INCEPTION_FILES,
+        "inception_v3_tf2015",
+    )
+    .or_else(|e| match args.weights {
+        None if shared_weights.is_file() => Ok(shared_weights),
+        _ => Err(e),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let golden = match &args.golden {
+        Some(g) if g.is_file() => Some(g.clone()),
+        Some(g) => bail!("{}: golden file not found", g.display()),
+        None => Some(shared_dir().join("golden/inception_v3_tf2015/net.safetensors"))
+            .filter(|g| g.is_file()),
+    };
+    let list = list_images(&dir, args.images as usize)?;
+    if list.len() < args.images as usize {
+        eprintln!(
+            "bench: {} has only {} image(s); using them all",
+            dir.display(),
+            list.len()
+        );
+    }
+
+    // Every tool reads the same N files: a folder of links to them, walked by all alike.
+    let work = WorkDir(std::env::temp_dir().join(format!(
+        "dltool-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )));
+    let images_dir = work.0.join("images");
+    let out_dir = work.0.join("out");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    for input in &list {
+        let rel = input.path.strip_prefix(&dir).unwrap_or(&input.path);
+        let link = images_dir.join(rel);
+        let target = std::fs::canonicalize(&input.path)
+            .with_context(|| format!("{}: cannot resolve", input.path.display()))?;
+        std::fs::create_dir_all(link.parent().expect("a file has a parent"))?;
+        symlink(&target, &link).with_context(|| format!("{}: cannot link", link.display()))?;
+    }
+    let setup = Setup {
+        exe: std::env::current_exe().context("cannot find the dltool executable")?,
+        images_dir,
+        out_dir,
+        images: list.len(),
+        weights,
+        golden,
+    };
+
+    let tools = find_tools(args);
+    let mut threads: Vec<u32> = args.threads.clone();
+    threads.sort_unstable();
+    threads.dedup();
+    let peaks: BTreeMap<u32, Peak> = threads
+        .iter()
+        .filter_map(|&t| bench::peak_fp32(t as usize, Duration::from_millis(300)).map(|p| (t, p)))
+        .collect();
+
+    let mut configs: Vec<(Mode, u32, u32)> = Vec::new();
+    for &mode in &args.mode {
+        for &batch in &args.batch {
+            for &t in &args.threads {
+                if !configs.contains(&(mode, batch, t)) {
+                    configs.push((mode, batch, t));
+                }
+            }
+        }
+    }
+
+    // One unrecorded run of each tool on one image first: it fills the page cache with the
+    // weights, the binaries and the Python libraries for all alike, and makes ort_peer's
+    // one-time ONNX export, whose torch import would otherwise inflate a measured RSS.
+    let warm_up = Setup {
+        images: 1,
+        ..setup.clone()
+    };
+    let mut active: Vec<bool> = vec![true; tools.len()];
+    for (ti, tool) in tools.iter().enumerate() {
+        eprintln!("[warm-up] {}", tool.name());
+        if let Err(e) = run_once(&warm_up, tool, Mode::Network, 1, threads[0]) {
+            if matches!(tool, Tool::Dltool) {
+                return Err(e.context("dltool warm-up run failed"));
+            }
+            eprintln!(
+                "bench: {} failed its warm-up run, dropping it: {e:#}",
+                tool.name()
+            );
+            active[ti] = false;
+        }
+    }
+
+    let total = configs.len() * args.repeat as usize * tools.len();
+    let mut done = 0;
+    let mut samples: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+    let mut golden_diffs: BTreeMap<String, f64> = BTreeMap::new();
+    for (ci, &(mode, batch, t)) in configs.iter().enumerate() {
+        for _ in 0..args.repeat {
+            for (ti, tool) in tools.iter().enumerate() {
+                done += 1;
+                if !active[ti] {
+                    continue;
+                }
+                let label = format!("{} batch {batch} threads {t} {}", mode.name(), tool.name());
+                match run_once(&setup, tool, mode, batch, t) {
+                    Ok((sample, diff)) => {
+                        eprintln!(
+                            "[{done}/{total}] {label}: {:.2} img/s, peak RSS {}",
+                            sample.img_per_s,
+                            fmt_mib(sample.peak_rss_mib)
+                        );
+                        if let Some(d) = diff {
+                            golden_diffs.insert(tool.name().to_string(), d);
+                        }
+                        samples.entry((ci, ti)).or_default().push(sample);
+                    }
+                    Err(e) if matches!(tool, Tool::Dltool) => {
+                        return Err(e.context(format!("{label} failed")));
+                    }
+                    Err(e) => {
+                        eprintln!("bench: {label} failed, dropping {}: {e:#}", tool.name());
+                        active[ti] = false;
+                    }
+                }
+            }
+        }
+    }
+
+    let rows = summarize(&configs, &tools, &samples, &peaks);
+    if args.json {
+        let out = serde_json::json!({
+            "cpu": bench::cpu_model(),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "images": setup.images,
+            "dir": dir,
+            "repeat": args.repeat,
+            "flop_per_image": FLOP_PER_IMAGE,
+            "peak_fp32": peaks.values().collect::<Vec<_>>(),
+            "golden_max_abs_diff": golden_diffs,
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(
+            &dir,
+            setup.images,
+            args.repeat,
+            &peaks,
+            &golden_diffs,
+            &rows,
+        );
+    }
+    Ok(Status::Ok)
+}
+
+#[cfg(unix)]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::fs::copy(target, link).map(|_| ())
+}
+
+/// dltool, then each peer script present when a Python for it is.
+fn find_tools(args: &Args) -> Vec<Tool> {
+    let mut tools = vec![Tool::Dltool];
+    if args.no_peers {
+        return tools;
+    }
+    let peers = args.peers.clone().unwrap_or_else(|| {
+        let here = PathBuf::from("bench/peers");
+        if here.is_dir() {
+            here
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers")
+        }
+    });
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| peers.join("../.venv/bin/python"));
+    if !python.is_file() {
+        eprintln!(
+            "bench: no Python for the peers at {}: make the venv with `bash {}/setup.sh` (or pass \
+             --python); running dltool alone",
+            python.display(),
+            peers.display()
+        );
+        return tools;
+    }
+    for (name, file) in [("torch", "torch_peer.py"), ("onnxruntime", "ort_peer.py")] {
+        let script = peers.join(file);
+        if script.is_file() {
+            tools.push(Tool::Peer {
+                name: name.into(),
+                python: python.clone(),
+                script,
+            });
+        } else {
+            eprintln!("bench: no {} in {}; skipping {name}", file, peers.display());
+        }
+    }
+    tools
+}
+
+/// One measured run of `tool`; also the golden difference it reported, if any.
+fn run_once(
+    setup: &Setup,
+    tool: &Tool,
+    mode: Mode,
+    batch: u32,
+    threads: u32,
+) -> anyhow::Result<(Sample, Option<f64>)> {
+    let mut cmd;
+    match (tool, mode) {
+        (Tool::Dltool, Mode::Network) => {
+            cmd = Command::new(&setup.exe);
+            cmd.arg("bench").arg("--worker").arg("--mode=network");
+            cmd.arg(format!("--batch={batch}"))
+                .arg(format!("--threads={threads}"))
+                .arg(format!("--images={}", setup.images))
+                .arg("--dir")
+                .arg(&setup.images_dir)
+                .arg("--weights")
+                .arg(&setup.weights);
+            if let Some(g) = &setup.golden {
+                cmd.arg("--golden").arg(g);
+            }
+        }
+        (Tool::Dltool, Mode::E2e) => {
+            cmd = Command::new(&setup.exe);
+            cmd.arg("featurize")
+                .arg(&setup.images_dir)
+                .arg("-o")
+                .arg(setup.out_dir.join("dltool.safetensors"))
+                .arg(format!("--batch-size={batch}"))
+                .arg(format!("--threads={threads}"))
+                .arg("--weights")
+                .arg(&setup.weights);
+        }
+        (
+            Tool::Peer {
+                name,
+                python,
+                script,
+            },
+            _,
+        ) => {
+            cmd = Command::new(python);
+            cmd.arg(script)
+                .arg(format!("--mode={}", mode.name()))
+                .arg(format!("--batch={batch}"))
+                .arg(format!("--threads={threads}"))
+                .arg(format!("--images={}", setup.images))
+                .arg("--dir")
+                .arg(&setup.images_dir)
+                .arg("--weights")
+                .arg(&setup.weights)
+                .arg("--out")
+                .arg(setup.out_dir.join(format!("{name}.npy")));
+            if let Some(g) = &setup.golden {
+                cmd.arg("--golden").arg(g);
+            }
+        }
+    }
+    let run = bench::run_child(&mut cmd)
+        .with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
+    if !run.status.success() {
+        bail!("{} ({})", run.status, last_line(&run.stderr));
+    }
+    let report = match (tool, mode) {
+        (Tool::Dltool, Mode::E2e) => parse_featurize_summary(&run)?,
+        _ => {
+            let line = run.stdout.lines().rev().find(|l| !l.trim().is_empty());
+            let line =
+                line.with_context(|| format!("printed no result ({})", last_line(&run.stderr)))?;
+            serde_json::from_str::<Report>(line)
+                .with_context(|| format!("cannot read its result line `{line}`"))?
+        }
+    };
+    if report.images != setup.images {
+        bail!(
+            "{} processed {} image(s), not {}",
+            report.tool,
+            report.images,
+            setup.images
+        );
+    }
+    if !(report.img_per_s.is_finite() && report.img_per_s > 0.0) {
+        bail!("reported {} images/s", report.img_per_s);
+    }
+    Ok((
+        Sample {
+            img_per_s: report.img_per_s,
+            seconds: report.seconds,
+            wall_s: run.wall.as_secs_f64(),
+            peak_rss_mib: run.max_rss_kib.map(|k| k as f64 / 1024.0),
+        },
+        report.golden_max_abs_diff,
+    ))
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message")
+}
+
+/// Reads featurize's closing line, `featurized N image(s), skipped S, in X s (R images/s)`:
+/// its clock runs from after the weights are loaded to the output written, the span the
+/// peers time in e2e mode.
+fn parse_featurize_summary(run: &ChildRun) -> anyhow::Result<Report> {
+    let line = run
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("featurized "))
+        .with_context(|| format!("featurize printed no summary ({})", last_line(&run.stderr)))?;
+    let bad = || anyhow::anyhow!("cannot read featurize's summary `{line}`");
+    let images: usize = line["featurized ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)?;
+    let (_, rate) = line.rsplit_once(" (").ok_or_else(bad)?;
+    let img_per_s: f64 = rate
+        .strip_suffix(" images/s)")
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(bad)?;
+    Ok(Report {
+        tool: "dltool".into(),
+        images,
+        seconds: images as f64 / img_per_s,
+        img_per_s,
+        golden_max_abs_diff: None,
+    })
+}
+
+/// One line of the results.
+#[derive(Debug, Serialize)]
+struct Row {
+    mode: Mode,
+    batch: u32,
+    threads: u32,
+    tool: String,
+    runs: Vec<Sample>,
+    img_per_s_median: f64,
+    img_per_s_min: f64,
+    img_per_s_max: f64,
+    /// dltool's median over this tool's (None on dltool's own row).
+    dltool_ratio: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    gflops: f64,
+    percent_of_peak: Option<f64>,
+}
+
+fn summarize(
+    configs: &[(Mode, u32, u32)],
+    tools: &[Tool],
+    samples: &BTreeMap<(usize, usize), Vec<Sample>>,
+    peaks: &BTreeMap<u32, Peak>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (ci, &(mode, batch, threads)) in configs.iter().enumerate() {
+        let median_of = |ti: usize| {
+            samples
+                .get(&(ci, ti))
+                .map(|s| bench::median(&s.iter().map(|x| x.img_per_s).collect::<Vec<_>>()))
+        };
+        let dltool = median_of(0);
+        for (ti, tool) in tools.iter().enumerate() {
+            let Some(runs) = samples.get(&(ci, ti)) else {
+                continue;
+            };
+            let rates: Vec<f64> = runs.iter().map(|s| s.img_per_s).collect();
+            let median = bench::median(&rates);
+            let gflops = median * FLOP_PER_IMAGE / 1e9;
+            rows.push(Row {
+                mode,
+                batch,
+                threads,
+                tool: tool.name().to_string(),
+                img_per_s_median: median,
+                img_per_s_min: rates.iter().copied().fold(f64::INFINITY, f64::min),
+                img_per_s_max: rates.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                dltool_ratio: match tool {
+                    Tool::Dltool => None,
+                    Tool::Peer { .. } => dltool.map(|d| d / median),
+                },
+                peak_rss_mib: runs.iter().filter_map(|s| s.peak_rss_mib).reduce(f64::max),
+                gflops,
+                percent_of_peak: peaks.get(&threads).map(|p| 100.0 * gflops / p.gflops),
+                runs: runs.clone(),
+            });
+        }
+    }
+    rows
+}
+
+fn fmt_mib(mib: Option<f64>) -> String {
+    mib.map_or_else(|| "?".to_string(), |m| format!("{m:.0} MiB"))
+}
+
+fn print_table(
+    dir: &Path,
+    images: usize,
+    repeat: u32,
+    peaks: &BTreeMap<u32, Peak>,
+    golden: &BTreeMap<String, f64>,
+    rows: &[Row],
+) {
+    println!(
+        "dltool bench: {images} image(s) of {}, {repeat} run(s) per tool and configuration",
+        dir.display()
+    );
+    println!(
+        "CPU: {} ({} logical cores)",
+        bench::cpu_model().unwrap_or_else(|| "unknown".into()),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    if peaks.is_empty() {
+        println!("FP32 peak: not measured (no AVX-512F or AVX2+FMA)");
+    }
+    for p in peaks.values() {
+        println!(
+            "FP32 peak, {} thread(s): {:.1} GFLOP/s ({} FMA loop)",
+            p.threads, p.gflops, p.isa
+        );
+    }
+    for (tool, d) in golden {
+        println!("golden check, {tool}: max abs diff {d:.2e}");
+    }
+    println!();
+    println!(
+        "| mode | batch | threads | tool | img/s median (min-max) | dltool / tool | peak RSS | GFLOP/s | % of peak |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.2} ({:.2}-{:.2}) | {} | {} | {:.1} | {} |",
+            r.mode.name(),
+            r.batch,
+            r.threads,
+            r.tool,
+            r.img_per_s_median,
+            r.img_per_s_min,
+            r.img_per_s_max,
+            r.dltool_ratio
+                .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
+            fmt_mib(r.peak_rss_mib),
+            r.gflops,
+            r.percent_of_peak
+                .map_or_else(|| "-".to_string(), |x| format!("{x:.1}%")),
+        );
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn run_with_stderr(stderr: &str) -> ChildRun {
+        let status = {
+            use std::os::unix::process::ExitStatusExt;
+            std::process::ExitStatus::from_raw(0)
+        };
+        ChildRun {
+            status,
+            stdout: String::new(),
+            stderr: stderr.to_string(),
+            wall: Duration::from_secs(1),
+            max_rss_kib: Some(1),
+        }
+    }
+
+    #[test]
+    fn reads_featurize_summary() {
+        let r = parse_featurize_summary(&run_with_stderr(
+            "skipped x: bad\nfeaturized 32 image(s), skipped 0, in 6.4 s (5.02 images/s)\n",
+        ))
+        .unwrap();
+        assert_eq!(r.images, 32);
+        assert_eq!(r.img_per_s, 5.02);
+    }
+
+    #[test]
+    fn featurize_summary_missing_or_garbled_is_an_error() {
+        assert!(parse_featurize_summary(&run_with_stderr("dltool: error: boom\n")).is_err());
+        assert!(
+            parse_featurize_summary(&run_with_stderr("featurized 3 image(s), in 1 s\n")).is_err()
+        );
+    }
+}
