@@ -5,6 +5,7 @@
 
 pub mod backbone;
 pub mod commands;
+pub mod feature_parquet;
 pub mod features;
 pub mod featurize;
 pub mod head;

@@ -95,7 +95,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0, help_heading = "MLP")]
     pub seed: u64,
 
-    /// For CSV features: the weights they were made with [default: as featurize finds them].
+    /// For features without provenance (CSV; Parquet from other tools): the weights they were
+    /// made with [default: as featurize finds them].
     #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
     pub weights: Option<PathBuf>,
     /// For CSV features: the layer they were read from.
