@@ -11,6 +11,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use crate::feature_parquet::ParquetFeatureWriter;
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, SafeTensors};
 
@@ -23,8 +24,8 @@ pub const SAFETENSORS_VERSION: &str = "1";
 const UNNAMED_OUTPUT: &str = "<output>";
 
 // Metadata keys owned by the format itself; every other key belongs to `FeatureMeta`.
-const KEY_FORMAT: &str = "format";
-const KEY_VERSION: &str = "version";
+pub(crate) const KEY_FORMAT: &str = "format";
+pub(crate) const KEY_VERSION: &str = "version";
 const KEY_LABELS: &str = "labels";
 
 // Tensor names, in file order. Alignment decreases along this order (8, 4, 4, 1)
@@ -96,24 +97,22 @@ pub(crate) fn quoted(s: &str) -> String {
 pub enum Format {
     Csv,
     Safetensors,
+    Parquet,
 }
 
 impl Format {
-    /// `.csv` or `.safetensors` (case-insensitive); anything else is `None`.
+    /// `.csv`, `.safetensors` or `.parquet`/`.pq` (case-insensitive); anything else is `None`.
     pub fn from_extension(path: &Path) -> Option<Format> {
         let ext = path.extension()?.to_str()?;
-        if ext.eq_ignore_ascii_case("csv") {
-            Some(Format::Csv)
-        } else if ext.eq_ignore_ascii_case("safetensors") {
-            Some(Format::Safetensors)
-        } else {
-            None
+        if ext.eq_ignore_ascii_case("pq") {
+            return Some(Format::Parquet);
         }
+        ext.parse().ok()
     }
 
-    /// Detects the format of an existing file from its first bytes: safetensors
-    /// starts with an 8-byte header length followed by `{`, which a CSV whose
-    /// header begins with `path,label` can never do.
+    /// Detects the format of an existing file from its first bytes: Parquet starts
+    /// with the magic `PAR1`; safetensors with an 8-byte header length followed by
+    /// `{`, which a CSV whose header begins with `path,label` can never do.
     pub fn detect(path: &Path) -> Result<Format, FeatureError> {
         let mut head = Vec::with_capacity(9);
         File::open(path)
@@ -123,7 +122,9 @@ impl Format {
     }
 
     fn detect_bytes(head: &[u8]) -> Format {
-        if head.len() >= 9 && head[8] == b'{' {
+        if head.starts_with(b"PAR1") {
+            Format::Parquet
+        } else if head.len() >= 9 && head[8] == b'{' {
             Format::Safetensors
         } else {
             Format::Csv
@@ -138,9 +139,11 @@ impl FromStr for Format {
             Ok(Format::Csv)
         } else if s.eq_ignore_ascii_case("safetensors") {
             Ok(Format::Safetensors)
+        } else if s.eq_ignore_ascii_case("parquet") {
+            Ok(Format::Parquet)
         } else {
             Err(format!(
-                "unknown feature format {} (expected csv or safetensors)",
+                "unknown feature format {} (expected csv, safetensors or parquet)",
                 quoted(s)
             ))
         }
@@ -152,6 +155,7 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::Csv => "csv",
             Format::Safetensors => "safetensors",
+            Format::Parquet => "parquet",
         })
     }
 }
@@ -379,6 +383,21 @@ impl Drop for AtomicFile {
 // CSV
 // ---------------------------------------------------------------------------
 
+/// A writer's checks on each row: `dim` features, all finite.
+pub(crate) fn check_row(file: &Path, dim: usize, row: &Row) -> Result<(), FeatureError> {
+    if row.features.len() != dim {
+        return Err(invalid(
+            file,
+            format!(
+                "row {} has {} features, expected {dim}",
+                quoted(row.path),
+                row.features.len(),
+            ),
+        ));
+    }
+    check_finite(file, row)
+}
+
 fn check_finite(file: &Path, row: &Row) -> Result<(), FeatureError> {
     match row.features.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
@@ -458,13 +477,26 @@ impl<W: Write> CsvFeatureWriter<W> {
 
     /// Like [`Self::new`], naming the output `name` in errors.
     pub fn with_name(w: W, dim: usize, name: impl Into<PathBuf>) -> Result<Self, FeatureError> {
+        Self::with_header(w, dim, name, true)
+    }
+
+    /// Like [`Self::with_name`]; without the header line when `header` is false, for the
+    /// parts of a sharded run that are appended to a first part that has it.
+    pub fn with_header(
+        w: W,
+        dim: usize,
+        name: impl Into<PathBuf>,
+        header: bool,
+    ) -> Result<Self, FeatureError> {
         let name = name.into();
         if dim == 0 {
             return Err(invalid(&name, "cannot write features of dimension 0"));
         }
         let mut out = BufWriter::with_capacity(1 << 20, w);
-        out.write_all(&csv_header(dim))
-            .map_err(|e| io_err(&name, e))?;
+        if header {
+            out.write_all(&csv_header(dim))
+                .map_err(|e| io_err(&name, e))?;
+        }
         Ok(CsvFeatureWriter {
             out,
             name,
@@ -483,9 +515,8 @@ impl<W: Write> CsvFeatureWriter<W> {
     }
 
     pub fn write_row(&mut self, row: &Row) -> Result<(), FeatureError> {
-        self.check_width(row)?;
-        // Checked here too so the error names this output, not `<output>`.
-        check_finite(&self.name, row)?;
+        // Finiteness is checked here too so the error names this output, not `<output>`.
+        check_row(&self.name, self.dim, row)?;
         self.line.clear();
         format_csv_row(row, &mut self.line)?;
         self.out
@@ -518,27 +549,17 @@ impl<W: Write> CsvFeatureWriter<W> {
             .into_inner()
             .map_err(|e| io_err(&name, e.into_error()))
     }
-
-    fn check_width(&self, row: &Row) -> Result<(), FeatureError> {
-        if row.features.len() != self.dim {
-            return Err(invalid(
-                &self.name,
-                format!(
-                    "row {} has {} features, expected {}",
-                    quoted(row.path),
-                    row.features.len(),
-                    self.dim
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 impl CsvFeatureWriter<AtomicFile> {
     /// Writes to a temporary next to `path`; [`Self::commit`] publishes it.
     pub fn create(path: &Path, dim: usize) -> Result<Self, FeatureError> {
         Self::with_name(AtomicFile::create(path)?, dim, path)
+    }
+
+    /// [`Self::create`] with or without the header line.
+    pub fn create_with_header(path: &Path, dim: usize, header: bool) -> Result<Self, FeatureError> {
+        Self::with_header(AtomicFile::create(path)?, dim, path, header)
     }
 
     /// Flushes, fsyncs and renames the file into place.
@@ -855,18 +876,7 @@ impl<W: Write + Seek> SafetensorsFeatureWriter<W> {
     }
 
     pub fn write_row(&mut self, row: &Row) -> Result<(), FeatureError> {
-        if row.features.len() != self.dim {
-            return Err(invalid(
-                &self.name,
-                format!(
-                    "row {} has {} features, expected {}",
-                    quoted(row.path),
-                    row.features.len(),
-                    self.dim
-                ),
-            ));
-        }
-        check_finite(&self.name, row)?;
+        check_row(&self.name, self.dim, row)?;
         let Some(&label) = self.label_index.get(row.label) else {
             return Err(invalid(
                 &self.name,
@@ -1166,9 +1176,86 @@ fn safetensors_truncation(buf: &[u8]) -> Option<String> {
     }
 }
 
-/// Reads either format (detected by content). Errors name the file and the
-/// problem in one line.
+/// Reads a feature file of any format (detected by content), or a directory of
+/// them. Errors name the file and the problem in one line.
 pub fn read_features(path: &Path) -> Result<FeatureTable, FeatureError> {
+    let table = if path.is_dir() {
+        read_feature_dir(path)?
+    } else {
+        read_feature_file(path)?
+    };
+    if table.is_empty() {
+        return Err(invalid(path, "no rows"));
+    }
+    Ok(table)
+}
+
+/// Whether a directory entry is a feature file: hidden files and Spark's/Hadoop's
+/// `_SUCCESS`, `_metadata` and `.crc` companions are not.
+fn is_feature_file(name: &str) -> bool {
+    !name.starts_with(['.', '_']) && Format::from_extension(Path::new(name)).is_some()
+}
+
+/// Concatenates the feature files directly in `dir` (`.csv`, `.safetensors`,
+/// `.parquet`), in byte order of their names: the parts of a sharded run
+/// (`features-0.parquet`, ...) or a Parquet table written by Spark
+/// (`part-00000-....snappy.parquet`). All must have the same dimension and
+/// provenance.
+fn read_feature_dir(dir: &Path) -> Result<FeatureTable, FeatureError> {
+    let mut names: Vec<PathBuf> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let name = entry.file_name();
+        if is_feature_file(&name.to_string_lossy()) && entry.path().is_file() {
+            names.push(entry.path());
+        }
+    }
+    names.sort();
+    if names.is_empty() {
+        return Err(invalid(
+            dir,
+            "directory holds no feature files (.csv, .safetensors or .parquet)",
+        ));
+    }
+    // `base` is the file the table's dimension and provenance came from, for errors.
+    let mut table: Option<(FeatureTable, &Path)> = None;
+    for part in &names {
+        let next = read_feature_file(part)?;
+        let Some((table, base)) = table.as_mut().filter(|(t, _)| !t.is_empty()) else {
+            table = Some((next, part));
+            continue;
+        };
+        if next.is_empty() {
+            continue;
+        }
+        if next.dim != table.dim {
+            return Err(invalid(
+                part,
+                format!(
+                    "{} features per row, but {} has {}",
+                    next.dim,
+                    base.display(),
+                    table.dim
+                ),
+            ));
+        }
+        if next.meta != table.meta {
+            return Err(invalid(
+                part,
+                format!(
+                    "made with other weights, layer or pooling than {}",
+                    base.display()
+                ),
+            ));
+        }
+        table.paths.extend(next.paths);
+        table.labels.extend(next.labels);
+        table.data.extend(next.data);
+    }
+    Ok(table.expect("at least one file").0)
+}
+
+fn read_feature_file(path: &Path) -> Result<FeatureTable, FeatureError> {
     let mut file = File::open(path).map_err(|e| io_err(path, e))?;
     let mut head = Vec::with_capacity(9);
     (&mut file)
@@ -1179,6 +1266,7 @@ pub fn read_features(path: &Path) -> Result<FeatureTable, FeatureError> {
     match Format::detect_bytes(&head) {
         Format::Safetensors => read_safetensors(path, &file),
         Format::Csv => read_csv(file, path),
+        Format::Parquet => crate::feature_parquet::read_parquet(path, file),
     }
 }
 
@@ -1207,6 +1295,13 @@ pub fn write_features(
                 &table.distinct_labels(),
                 table.meta.as_ref(),
             )?;
+            for i in 0..table.len() {
+                w.write_row(&table.get(i))?;
+            }
+            w.commit()
+        }
+        Format::Parquet => {
+            let mut w = ParquetFeatureWriter::create(path, table.dim, table.meta.as_ref())?;
             for i in 0..table.len() {
                 w.write_row(&table.get(i))?;
             }
@@ -1866,11 +1961,16 @@ mod tests {
         assert_eq!(Format::from_extension(Path::new("csv")), None);
         assert_eq!("safetensors".parse::<Format>(), Ok(Format::Safetensors));
         assert_eq!("csv".parse::<Format>(), Ok(Format::Csv));
+        assert_eq!("Parquet".parse::<Format>(), Ok(Format::Parquet));
         assert!(
-            "parquet"
+            "arrow"
                 .parse::<Format>()
                 .unwrap_err()
-                .contains("csv or safetensors")
+                .contains("csv, safetensors or parquet")
+        );
+        assert_eq!(
+            Format::from_extension(Path::new("x.pq")),
+            Some(Format::Parquet)
         );
 
         // Detection ignores the extension.

@@ -7,9 +7,11 @@
 
 use crate::backbone::Backbone;
 use crate::image_io;
-use crate::inputs::Input;
+use crate::inputs::{Found, Input};
 use rayon::prelude::*;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 /// What became of one input.
 pub enum Outcome<'a> {
@@ -17,7 +19,7 @@ pub enum Outcome<'a> {
     Skipped(&'a str),
 }
 
-/// Decoded pixels of one batch: for each input of the chunk, its CHW floats or why not.
+/// Decoded pixels of one batch: for each item of the chunk, its CHW floats or why not.
 type Decoded = Vec<Result<Vec<f32>, String>>;
 
 /// Featurizes `inputs` in batches of `batch_size`, calling `emit(index, outcome)` in input
@@ -59,29 +61,115 @@ where
     N: Fn(Vec<f32>, usize) -> Vec<f32>,
     E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
 {
+    let batches = inputs
+        .chunks(batch_size.max(1))
+        .map(|chunk| chunk.iter().cloned().map(Found::Input).collect());
+    run_batches(
+        backbone,
+        batches,
+        max_pixels,
+        dim,
+        network,
+        |i, _, outcome| emit(i, outcome),
+    )
+}
+
+/// Featurizes what arrives on `items` as soon as it arrives, calling `emit` for each item in
+/// arrival order: a batch is whatever is waiting (at least one item, at most `batch_size`), so a
+/// slow trickle of paths gets its rows at once and a fast stream still fills whole batches.
+/// Memory stays at a few batches however long the stream. Listing problems (`Found::Skip`)
+/// come out as `Outcome::Skipped` in their place.
+pub fn run_stream<E>(
+    backbone: &Backbone,
+    items: mpsc::Receiver<Found>,
+    batch_size: usize,
+    max_pixels: u64,
+    mut emit: E,
+) -> anyhow::Result<()>
+where
+    E: FnMut(usize, &Found, Outcome<'_>) -> anyhow::Result<()>,
+{
     let batch_size = batch_size.max(1);
+    // Set when `emit` fails (stdout closed): the decoding thread then stops waiting for paths
+    // that may never come, instead of keeping the run alive on an idle pipe.
+    let stop = AtomicBool::new(false);
+    let stopped = &stop;
+    let batches = std::iter::from_fn(move || {
+        let first = loop {
+            match items.recv_timeout(Duration::from_millis(100)) {
+                Ok(item) => break item,
+                Err(RecvTimeoutError::Timeout) if !stopped.load(Ordering::Relaxed) => {}
+                Err(_) => return None,
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_size {
+            match items.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    });
+    let network = |pixels, n| backbone.features(pixels, n);
+    run_batches(
+        backbone,
+        batches,
+        max_pixels,
+        backbone.dim(),
+        network,
+        |i, item, outcome| {
+            let result = emit(i, item, outcome);
+            if result.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            result
+        },
+    )
+}
+
+/// The loop behind [`run`] and [`run_stream`]: `batches` is consumed on a decoding thread,
+/// `network` (`dim` floats per image) runs here, and `emit(index, item, outcome)` sees every
+/// item in order.
+fn run_batches<B, N, E>(
+    backbone: &Backbone,
+    batches: B,
+    max_pixels: u64,
+    dim: usize,
+    network: N,
+    mut emit: E,
+) -> anyhow::Result<()>
+where
+    B: Iterator<Item = Vec<Found>> + Send,
+    N: Fn(Vec<f32>, usize) -> Vec<f32>,
+    E: FnMut(usize, &Found, Outcome<'_>) -> anyhow::Result<()>,
+{
     let pre = backbone.preprocess;
     let input_len = backbone.input_len();
     std::thread::scope(|scope| {
         // One decoded batch waits while the network runs: enough to hide decoding, and memory
         // stays at two batches of pixels.
-        let (tx, rx) = mpsc::sync_channel::<(usize, Decoded)>(1);
+        let (tx, rx) = mpsc::sync_channel::<(Vec<Found>, Decoded)>(1);
         scope.spawn(move || {
-            for (k, chunk) in inputs.chunks(batch_size).enumerate() {
-                let decoded: Decoded = chunk
+            for batch in batches {
+                let decoded: Decoded = batch
                     .par_iter()
-                    .map(|input| {
-                        image_io::load_for_network(&input.path, &pre, max_pixels)
-                            .map_err(|e| e.to_string())
+                    .map(|item| match item {
+                        Found::Input(input) => {
+                            image_io::load_for_network(&input.path, &pre, max_pixels)
+                                .map_err(|e| e.to_string())
+                        }
+                        Found::Skip(skip) => Err(skip.reason.clone()),
                     })
                     .collect();
-                if tx.send((k * batch_size, decoded)).is_err() {
+                if tx.send((batch, decoded)).is_err() {
                     return; // the consumer stopped early
                 }
             }
         });
 
-        for (start, decoded) in rx {
+        let mut start = 0;
+        for (batch, decoded) in rx {
             // Pixels move into one batch buffer; only the reasons of the failures stay behind.
             let mut pixels = Vec::new();
             let mut status: Vec<Option<String>> = Vec::with_capacity(decoded.len());
@@ -89,7 +177,7 @@ where
                 match result {
                     Ok(p) => {
                         if pixels.is_empty() {
-                            pixels.reserve(p.len() * batch_size);
+                            pixels.reserve(p.len() * batch.len());
                         }
                         debug_assert_eq!(p.len(), input_len);
                         pixels.extend_from_slice(&p);
@@ -105,13 +193,14 @@ where
                 network(pixels, n_ok)
             };
             let mut rows = features.chunks_exact(dim);
-            for (i, reason) in status.iter().enumerate() {
+            for (i, (item, reason)) in batch.iter().zip(&status).enumerate() {
                 let outcome = match reason {
                     None => Outcome::Features(rows.next().expect("one row per decoded image")),
                     Some(reason) => Outcome::Skipped(reason),
                 };
-                emit(start + i, outcome)?;
+                emit(start + i, item, outcome)?;
             }
+            start += batch.len();
         }
         Ok(())
     })

@@ -32,48 +32,87 @@ pub struct InputList {
     pub skipped: Vec<Skip>,
 }
 
+/// One thing found while listing, in list order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Input(Input),
+    Skip(Skip),
+}
+
 /// Lists the images named by `args`: files, directories (recursive) or `-` for
 /// newline-separated paths on stdin (each of which may itself be a file or a directory).
 pub fn collect(args: &[String], stdin: &mut dyn BufRead) -> std::io::Result<InputList> {
     let mut list = InputList::default();
     let mut seen = HashSet::new();
-    for arg in args {
-        if arg == "-" {
-            for line in stdin.lines() {
-                let line = line?;
-                let line = line.strip_suffix('\r').unwrap_or(&line);
-                if !line.is_empty() {
-                    add_path(line, &mut list, &mut seen);
+    for_each(args, stdin, &mut |found| {
+        match found {
+            // The same file named twice (a folder and a file in it) gives one row.
+            Found::Input(input) => {
+                if seen.insert(input.path.clone()) {
+                    list.inputs.push(input);
                 }
             }
-        } else {
-            add_path(arg, &mut list, &mut seen);
+            Found::Skip(skip) => list.skipped.push(skip),
         }
-    }
+        true
+    })?;
     Ok(list)
 }
 
-fn add_path(arg: &str, list: &mut InputList, seen: &mut HashSet<PathBuf>) {
+/// Calls `sink` with everything `args` name, in list order, as it is found: stdin lines are
+/// handled as they arrive, so a caller can start on the first image before the last path is
+/// written. Nothing is de-duplicated and nothing is kept. `sink` returns false to stop early.
+pub fn for_each(
+    args: &[String],
+    stdin: &mut dyn BufRead,
+    sink: &mut dyn FnMut(Found) -> bool,
+) -> std::io::Result<()> {
+    for arg in args {
+        if arg == "-" {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if stdin.read_line(&mut line)? == 0 {
+                    break;
+                }
+                let path = line.strip_suffix('\n').unwrap_or(&line);
+                let path = path.strip_suffix('\r').unwrap_or(path);
+                if !path.is_empty() && !add_path(path, sink) {
+                    return Ok(());
+                }
+            }
+        } else if !add_path(arg, sink) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn add_path(arg: &str, sink: &mut dyn FnMut(Found) -> bool) -> bool {
     let path = PathBuf::from(arg);
     match std::fs::metadata(&path) {
-        Ok(meta) if meta.is_dir() => walk(arg, &path, list, seen),
+        Ok(meta) if meta.is_dir() => walk(arg, &path, sink),
         // A named file goes through even if it is not an image: the decoder says why it is not.
-        Ok(meta) if meta.is_file() => push(list, seen, arg.to_string(), path, String::new()),
+        Ok(meta) if meta.is_file() => sink(Found::Input(Input {
+            display: arg.to_string(),
+            path,
+            label: String::new(),
+        })),
         // Opening a FIFO would block the run forever; a device is never a picture.
-        Ok(_) => list.skipped.push(Skip {
+        Ok(_) => sink(Found::Skip(Skip {
             display: arg.to_string(),
             reason: NOT_REGULAR.to_string(),
-        }),
-        Err(e) => list.skipped.push(Skip {
+        })),
+        Err(e) => sink(Found::Skip(Skip {
             display: arg.to_string(),
             reason: io_reason(&path, &e),
-        }),
+        })),
     }
 }
 
 const NOT_REGULAR: &str = "not a regular file (fifo, socket or device)";
 
-fn walk(arg: &str, root: &Path, list: &mut InputList, seen: &mut HashSet<PathBuf>) {
+fn walk(arg: &str, root: &Path, sink: &mut dyn FnMut(Found) -> bool) -> bool {
     let walker = walkdir::WalkDir::new(root)
         .follow_links(true)
         .sort_by(|a, b| a.file_name().cmp(b.file_name()))
@@ -88,10 +127,12 @@ fn walk(arg: &str, root: &Path, list: &mut InputList, seen: &mut HashSet<PathBuf
                 }
                 let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
                 if !entry.file_type().is_file() {
-                    list.skipped.push(Skip {
+                    if !sink(Found::Skip(Skip {
                         display: join_display(arg, rel),
                         reason: NOT_REGULAR.to_string(),
-                    });
+                    })) {
+                        return false;
+                    }
                     continue;
                 }
                 let label = if entry.depth() >= 2 {
@@ -102,8 +143,14 @@ fn walk(arg: &str, root: &Path, list: &mut InputList, seen: &mut HashSet<PathBuf
                 } else {
                     String::new()
                 };
-                let display = join_display(arg, rel);
-                push(list, seen, display, entry.path().to_path_buf(), label);
+                let input = Input {
+                    display: join_display(arg, rel),
+                    path: entry.path().to_path_buf(),
+                    label,
+                };
+                if !sink(Found::Input(input)) {
+                    return false;
+                }
             }
             Err(err) => {
                 let path = err.path().map(Path::to_path_buf).unwrap_or_default();
@@ -115,13 +162,16 @@ fn walk(arg: &str, root: &Path, list: &mut InputList, seen: &mut HashSet<PathBuf
                 } else {
                     err.to_string()
                 };
-                list.skipped.push(Skip {
+                if !sink(Found::Skip(Skip {
                     display: join_display(arg, &rel),
                     reason,
-                });
+                })) {
+                    return false;
+                }
             }
         }
     }
+    true
 }
 
 /// `flowers/` + `daisy/1.jpg` shows as `flowers/daisy/1.jpg`, keeping the user's spelling.
@@ -137,20 +187,53 @@ fn join_display(arg: &str, rel: &Path) -> String {
     }
 }
 
-fn push(
-    list: &mut InputList,
-    seen: &mut HashSet<PathBuf>,
-    display: String,
-    path: PathBuf,
-    label: String,
-) {
-    // The same file named twice (a folder and a file in it) gives one row.
-    if seen.insert(path.clone()) {
-        list.inputs.push(Input {
-            display,
-            path,
-            label,
-        });
+/// `--shard K/N`: the K-th of N contiguous blocks of the input list, K counted from 0 (as
+/// Kubernetes' `JOB_COMPLETION_INDEX` and Spark's partition ids are). Block K holds the items
+/// `floor(K*len/N) .. floor((K+1)*len/N)`, so the blocks are disjoint, cover the list, differ in
+/// size by at most one, and the outputs of shards 0..N-1 concatenated in order are the output
+/// of one run over the whole list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The positions of this shard's items in a list of `len`.
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        // u128: `len * count` must not overflow for any list that fits in memory.
+        let at = |k: usize| (len as u128 * k as u128 / self.count as u128) as usize;
+        at(self.index)..at(self.index + 1)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = "expected K/N with 0 <= K < N, shards numbered from 0 (e.g. 0/4 ... 3/4)";
+        let (k, n) = s.split_once('/').ok_or_else(|| format!("'{s}': {usage}"))?;
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{s}': {usage}"))
+        };
+        let (index, count) = (num(k)?, num(n)?);
+        if count == 0 {
+            return Err(format!("'{s}': the number of shards N must be at least 1"));
+        }
+        if index >= count {
+            return Err(format!(
+                "'{s}': shard {index} does not exist, shards are numbered 0 to {} (from 0)",
+                count - 1
+            ));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
     }
 }
 
@@ -234,6 +317,71 @@ mod tests {
         assert_eq!(list.inputs[0].label, "");
         assert_eq!(list.skipped.len(), 1);
         assert_eq!(list.skipped[0].reason, "no such file or directory");
+    }
+
+    #[test]
+    fn shards_partition_the_list_into_contiguous_blocks() {
+        for len in [0usize, 1, 2, 7, 10, 1000, 1001] {
+            for count in [1usize, 2, 3, 4, 7, 16] {
+                let mut next = 0;
+                for index in 0..count {
+                    let r = Shard { index, count }.range(len);
+                    assert_eq!(r.start, next, "len {len}, shard {index}/{count}");
+                    assert!(r.len() == len / count || r.len() == len / count + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, len, "len {len} with {count} shards");
+            }
+        }
+        assert_eq!("2/4".parse::<Shard>().unwrap().range(10), 5..7);
+        assert_eq!("0/1".parse::<Shard>().unwrap().range(3), 0..3);
+    }
+
+    #[test]
+    fn bad_shards_are_refused_with_the_rule() {
+        for (text, want) in [
+            ("4/4", "numbered 0 to 3"),
+            ("1/0", "at least 1"),
+            ("-1/4", "0 <= K < N"),
+            ("2", "0 <= K < N"),
+            ("a/b", "0 <= K < N"),
+            ("1/2/3", "0 <= K < N"),
+        ] {
+            let e = text.parse::<Shard>().unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn for_each_hands_over_stdin_lines_as_they_come_without_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.png");
+        touch(&f);
+        let text = format!(
+            "{0}\n{0}\r\n\n{1}/nope.png",
+            f.display(),
+            dir.path().display()
+        );
+        let mut got = Vec::new();
+        for_each(&["-".to_string()], &mut text.as_bytes(), &mut |found| {
+            got.push(found);
+            true
+        })
+        .unwrap();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(&got[0], Found::Input(i) if i.path == f));
+        assert_eq!(got[0], got[1]);
+        assert!(matches!(&got[2], Found::Skip(s) if s.reason == "no such file or directory"));
+
+        // The sink can stop the listing.
+        let mut n = 0;
+        for_each(&["-".to_string()], &mut text.as_bytes(), &mut |_| {
+            n += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

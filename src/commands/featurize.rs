@@ -3,12 +3,13 @@
 use super::Status;
 use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
 use crate::features::{
-    self, CsvFeatureWriter, FeatureError, Format, Row, SafetensorsFeatureWriter,
+    self, CsvFeatureWriter, FeatureError, Format, ParquetFeatureWriter, Row,
+    SafetensorsFeatureWriter,
 };
 use crate::featurize::{self, Outcome};
 use crate::image_io::DEFAULT_MAX_PIXELS;
 use crate::inception_v3::BlockVariant;
-use crate::inputs::{self, Input};
+use crate::inputs::{self, Found, Input, Shard};
 use crate::journal::{FileStamp, Journal};
 use anyhow::{Context, bail};
 use burn::prelude::Device;
@@ -19,9 +20,21 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = "\
-Output: CSV with header path,label,f0,...,fN-1 (RFC 4180), or safetensors (tensors `features` \
+Output: CSV with header path,label,f0,...,fN-1 (RFC 4180), safetensors (tensors `features` \
 [N,D] f32, `labels` [N] i32, `path_offsets`/`path_bytes`; label names and provenance in the \
-metadata). Rows follow the input order: arguments as given, directories walked in sorted order.
+metadata) or Parquet (columns path, label, features as a fixed-size list of float32; provenance \
+in the key-value metadata). Rows follow the input order: arguments as given, directories walked \
+in sorted order.
+
+Streaming: with - and CSV on stdout, each path is featurized as soon as it arrives and its row \
+written and flushed at once, in input order, with memory bounded by the batch size, so a pipe \
+that stays open (Spark's RDD.pipe, a queue consumer) gets its rows as it goes. In this mode a \
+path given twice gives two rows.
+
+Sharding: --shard K/N keeps block K (from 0) of N contiguous blocks of the input list; the \
+outputs of shards 0..N-1 in order are exactly the rows of one run (for CSV, give shards 1..N-1 \
+--no-header). With -, the whole list is read before the block is taken. Inputs skipped while \
+listing (missing files...) are reported by shard 0 only. An empty shard exits 0.
 
 With -o FILE, every computed row is also appended to FILE.journal as it is made, so an \
 interrupted run loses nothing: run the same command with --resume to reuse the rows of unchanged \
@@ -39,9 +52,17 @@ pub struct Args {
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: Option<PathBuf>,
 
-    /// Output format [default: from OUT's extension, else csv].
-    #[arg(long, value_name = "csv|safetensors")]
+    /// Output format [default: from OUT's extension (.csv, .safetensors, .parquet), else csv].
+    #[arg(long, value_name = "csv|safetensors|parquet")]
     pub format: Option<Format>,
+
+    /// Featurize only block K of N of the input list (K from 0 to N-1), for N workers.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
+
+    /// CSV without the header line (for appending shards to a first one that has it).
+    #[arg(long)]
+    pub no_header: bool,
 
     /// Weights: a file (InceptionV3 safetensors or PyTorch state dict; MobileNet v1 TF.js
     /// model.json), a TF.js model folder, or a fetched registry name [default: $DLTOOL_WEIGHTS,
@@ -110,17 +131,48 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
                 .unwrap_or(Format::Csv),
         },
     };
-    if matches!(target, Target::Stdout) {
-        if args.format == Some(Format::Safetensors) {
-            bail!("--format safetensors needs an output file: add -o FILE.safetensors");
+    match &target {
+        Target::Stdout => {
+            if let Some(f @ (Format::Safetensors | Format::Parquet)) = args.format {
+                bail!("--format {f} needs an output file: add -o FILE.{f}");
+            }
+            if args.resume {
+                bail!("--resume needs an output file (-o FILE): stdout keeps no journal");
+            }
         }
-        if args.resume {
-            bail!("--resume needs an output file (-o FILE): stdout keeps no journal");
+        Target::File { format, .. } => {
+            if args.no_header && *format != Format::Csv {
+                bail!("--no-header is for CSV output; {format} files have no header line");
+            }
         }
     }
 
-    let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())
-        .context("cannot read paths from stdin")?;
+    // Paths on stdin, going to stdout, unsharded: rows flow out as paths flow in.
+    let streaming = matches!(target, Target::Stdout)
+        && args.shard.is_none()
+        && args.paths.iter().any(|p| p == "-");
+    let mut list = if streaming {
+        inputs::InputList::default()
+    } else {
+        inputs::collect(&args.paths, &mut std::io::stdin().lock())
+            .context("cannot read paths from stdin")?
+    };
+    if let Some(shard) = args.shard {
+        let total = list.inputs.len();
+        let range = shard.range(total);
+        list.inputs = list.inputs[range.clone()].to_vec();
+        // Listing problems are not part of any block; one shard reports them so that the N
+        // logs together say what one run would.
+        if shard.index != 0 {
+            list.skipped.clear();
+        }
+        if !args.quiet {
+            eprintln!(
+                "shard {shard}: images {}..{} of {total}",
+                range.start, range.end
+            );
+        }
+    }
     for skip in &list.skipped {
         eprintln!("skipped {}: {}", skip.display, skip.reason);
     }
@@ -135,7 +187,11 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let backbone = Backbone::load(&opts, Device::flex())?;
 
     let progress = super::progress_bar(
-        list.inputs.len() as u64,
+        if streaming {
+            0
+        } else {
+            list.inputs.len() as u64
+        },
         args.quiet,
         "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
     );
@@ -145,6 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         ..Tally::default()
     };
     let result = match &target {
+        Target::Stdout if streaming => stream_to_stdout(&args, &backbone, &progress, &mut tally),
         Target::Stdout => to_stdout(&args, &backbone, &list.inputs, &progress, &mut tally),
         Target::File { path, format } => to_file(
             &args,
@@ -175,7 +232,12 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         }
         eprintln!("{line}");
     }
-    if featurized == 0 {
+    let empty_shard = args.shard.is_some() && list.inputs.is_empty();
+    if empty_shard {
+        if !args.quiet {
+            eprintln!("dltool: this shard is empty (more shards than images); nothing to do");
+        }
+    } else if featurized == 0 {
         eprintln!("dltool: no image was featurized");
         return Ok(Status::Incomplete);
     }
@@ -207,42 +269,111 @@ fn to_stdout(
     progress: &ProgressBar,
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&features::csv_header(backbone.dim()))?;
-    let mut line = Vec::new();
+    let mut out = StdoutRows::start(args, backbone)?;
     featurize::run(
         backbone,
         inputs,
         args.batch_size as usize,
         args.max_pixels,
-        |i, outcome| {
-            let input = &inputs[i];
-            match outcome {
-                Outcome::Features(features) => {
-                    line.clear();
-                    features::format_csv_row(
-                        &Row {
-                            path: &input.display,
-                            label: &input.label,
-                            features,
-                        },
-                        &mut line,
-                    )?;
-                    // One write per row: a pipe gets whole rows as soon as they exist.
-                    stdout.write_all(&line)?;
-                    tally.computed += 1;
-                }
-                Outcome::Skipped(reason) => {
-                    report_skip(progress, &input.display, reason);
-                    tally.skipped += 1;
-                }
+        |i, outcome| out.emit(&inputs[i], outcome, progress, tally),
+    )
+}
+
+/// Featurizes paths as they arrive on stdin (and the other PATH arguments, in order); see
+/// "Streaming" in the help.
+fn stream_to_stdout(
+    args: &Args,
+    backbone: &Backbone,
+    progress: &ProgressBar,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let mut out = StdoutRows::start(args, backbone)?;
+    // A few batches of paths may wait; the reader blocks beyond that, which bounds memory.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Found>(2 * args.batch_size as usize);
+    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let paths = args.paths.clone();
+    let reader_error = read_error.clone();
+    // Not scoped: if stdout closes while stdin stays open, the run must be able to end without
+    // waiting for a line that may never come.
+    std::thread::spawn(move || {
+        let result = inputs::for_each(&paths, &mut std::io::stdin().lock(), &mut |found| {
+            tx.send(found).is_ok()
+        });
+        if let Err(e) = result {
+            *reader_error.lock().expect("lock") = Some(e);
+        }
+    });
+    featurize::run_stream(
+        backbone,
+        rx,
+        args.batch_size as usize,
+        args.max_pixels,
+        |_, item, outcome| match item {
+            Found::Input(input) => out.emit(input, outcome, progress, tally),
+            Found::Skip(skip) => {
+                report_skip(progress, &skip.display, &skip.reason);
+                tally.skipped += 1;
+                Ok(())
             }
-            progress.inc(1);
-            Ok(())
         },
     )?;
-    stdout.flush()?;
+    if let Some(e) = read_error.lock().expect("lock").take() {
+        return Err(e).context("cannot read paths from stdin");
+    }
     Ok(())
+}
+
+/// CSV rows to stdout, each written and flushed whole as soon as it exists.
+struct StdoutRows {
+    stdout: std::io::StdoutLock<'static>,
+    line: Vec<u8>,
+}
+
+impl StdoutRows {
+    fn start(args: &Args, backbone: &Backbone) -> anyhow::Result<StdoutRows> {
+        let mut stdout = std::io::stdout().lock();
+        if !args.no_header {
+            stdout.write_all(&features::csv_header(backbone.dim()))?;
+            stdout.flush()?;
+        }
+        Ok(StdoutRows {
+            stdout,
+            line: Vec::new(),
+        })
+    }
+
+    fn emit(
+        &mut self,
+        input: &Input,
+        outcome: Outcome,
+        progress: &ProgressBar,
+        tally: &mut Tally,
+    ) -> anyhow::Result<()> {
+        match outcome {
+            Outcome::Features(features) => {
+                self.line.clear();
+                features::format_csv_row(
+                    &Row {
+                        path: &input.display,
+                        label: &input.label,
+                        features,
+                    },
+                    &mut self.line,
+                )?;
+                // One write and a flush per row: a pipe reader gets whole rows at once, even
+                // when a path holds a newline and line buffering would cut the row.
+                self.stdout.write_all(&self.line)?;
+                self.stdout.flush()?;
+                tally.computed += 1;
+            }
+            Outcome::Skipped(reason) => {
+                report_skip(progress, &input.display, reason);
+                tally.skipped += 1;
+            }
+        }
+        progress.inc(1);
+        Ok(())
+    }
 }
 
 /// The journal kept beside an output file.
@@ -353,7 +484,15 @@ fn to_file(
     if done.is_empty() {
         return Ok(());
     }
-    write_output(output, format, backbone, inputs, &done, &mut journal)
+    write_output(
+        output,
+        format,
+        !args.no_header,
+        backbone,
+        inputs,
+        &done,
+        &mut journal,
+    )
 }
 
 /// Writes the rows named by `done` (input index, journal offset), in input order, to a
@@ -361,6 +500,7 @@ fn to_file(
 fn write_output(
     output: &Path,
     format: Format,
+    csv_header: bool,
     backbone: &Backbone,
     inputs: &[Input],
     done: &[(usize, u64)],
@@ -369,7 +509,7 @@ fn write_output(
     let dim = backbone.dim();
     match format {
         Format::Csv => {
-            let mut w = CsvFeatureWriter::create(output, dim)?;
+            let mut w = CsvFeatureWriter::create_with_header(output, dim, csv_header)?;
             journal_rows(inputs, done, journal, |row| w.write_row(row))?;
             w.commit()?;
         }
@@ -390,6 +530,11 @@ fn write_output(
                 &labels,
                 Some(&backbone.meta),
             )?;
+            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
+            w.commit()?;
+        }
+        Format::Parquet => {
+            let mut w = ParquetFeatureWriter::create(output, dim, Some(&backbone.meta))?;
             journal_rows(inputs, done, journal, |row| w.write_row(row))?;
             w.commit()?;
         }

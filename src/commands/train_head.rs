@@ -145,7 +145,8 @@ impl HeadFlags {
 /// Where CSV features came from (safetensors features say it themselves).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProvenanceFlags {
-    /// For CSV features: the weights they were made with [default: as featurize finds them].
+    /// For features without provenance (CSV; Parquet from other tools): the weights they were
+    /// made with [default: as featurize finds them].
     #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
     pub weights: Option<PathBuf>,
     /// For CSV features: the network they came from [default: what --weights is, else

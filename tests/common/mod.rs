@@ -179,3 +179,29 @@ pub fn write_table(dir: &Path, name: &str, table: &FeatureTable) -> PathBuf {
     write_features(&p, format, table).unwrap();
     p
 }
+
+/// The first `n` photos of a class, sorted by name.
+pub fn flowers(class: &str, n: usize) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(shared_dir().join("flowers").join(class))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.truncate(n);
+    files
+}
+
+/// A folder of `class/photo.jpg` symlinks into ../shared (nothing is copied into the repo).
+pub fn photo_dir(root: &Path, per_class: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for class in ["daisy", "tulips"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for f in flowers(class, per_class) {
+            let name = f.file_name().unwrap();
+            std::os::unix::fs::symlink(&f, root.join(class).join(name)).unwrap();
+            names.push(format!("{class}/{}", name.to_string_lossy()));
+        }
+    }
+    names.sort();
+    names
+}
