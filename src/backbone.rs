@@ -273,6 +273,11 @@ impl Backbone {
         })
     }
 
+    /// True when the network runs on the CPU (burn-flex) rather than a GPU.
+    pub fn is_cpu(&self) -> bool {
+        crate::device::is_cpu(&self.device)
+    }
+
     /// Length of one feature vector.
     pub fn dim(&self) -> usize {
         let [c, h, w] = self.shape;

@@ -5,6 +5,7 @@
 
 pub mod backbone;
 pub mod commands;
+pub mod device;
 pub mod features;
 pub mod featurize;
 pub mod head;
