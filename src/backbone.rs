@@ -227,7 +227,12 @@ impl Backbone {
                 let (model, loaded) = inception_v3::load(path, opts.variant, &device)?;
                 (
                     Net::Inception {
-                        fast: crate::inception_fast::engine_from_env(&model)?.map(Box::new),
+                        // The CPU engine replaces burn-flex only; on a GPU burn runs the model.
+                        fast: if crate::device::is_cpu(&device) {
+                            crate::inception_fast::engine_from_env(&model)?.map(Box::new)
+                        } else {
+                            None
+                        },
                         model: Box::new(model),
                         layer,
                     },
@@ -275,6 +280,11 @@ impl Backbone {
             meta,
             shape,
         })
+    }
+
+    /// True when the network runs on the CPU (burn-flex) rather than a GPU.
+    pub fn is_cpu(&self) -> bool {
+        crate::device::is_cpu(&self.device)
     }
 
     /// Length of one feature vector.

@@ -7,6 +7,7 @@ pub mod backbone;
 pub mod bench;
 pub mod commands;
 pub mod cpu_conv;
+pub mod device;
 pub mod feature_parquet;
 pub mod features;
 pub mod featurize;

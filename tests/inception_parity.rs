@@ -8,7 +8,7 @@ use dltool::inception_v3::{self, BlockVariant};
 
 #[test]
 fn every_stage_matches_the_reference_network() {
-    let device = Device::flex();
+    let device = common::test_device();
     let (model, loaded) = inception_v3::load(
         &shared("weights/inception_v3_tf2015.safetensors"),
         None,

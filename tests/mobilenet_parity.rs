@@ -18,7 +18,7 @@ fn to_vec(t: Tensor<2>) -> Vec<f32> {
 
 #[test]
 fn pool_and_probs_match_tensorflow_js() {
-    let device = Device::flex();
+    let device = common::test_device();
     let (model, config) = mobilenet_v1::load(&shared(MODEL), &device).expect("shared model loads");
     assert_eq!(config.alpha, 0.25);
     assert_eq!(config.input_size, 224);

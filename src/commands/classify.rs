@@ -117,7 +117,8 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         weights: args.weights.clone(),
         ..BackboneOptions::default()
     };
-    let backbone = Backbone::load(&opts, burn::prelude::Device::flex())?;
+    let device = super::open_device(args.run.device, args.quiet)?;
+    let backbone = Backbone::load(&opts, device)?;
     let weights = backbone.weights_path.display().to_string();
     let Some(classes) = backbone.num_classes() else {
         bail!(

@@ -12,7 +12,6 @@ use crate::inception_v3::BlockVariant;
 use crate::inputs::{self, Found, Input, Shard};
 use crate::journal::{FileStamp, Journal};
 use anyhow::{Context, bail};
-use burn::prelude::Device;
 use indicatif::ProgressBar;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,6 +109,11 @@ pub struct Args {
     /// Refuse images with more pixels than this (decompression-bomb guard).
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
     pub max_pixels: u64,
+
+    /// Where the network runs: cpu, wgpu (a GPU; needs a build with --features wgpu) or auto
+    /// (the GPU if there is one, else the CPU with a warning).
+    #[arg(long, default_value = "cpu", value_name = "cpu|wgpu|auto")]
+    pub device: crate::device::DeviceChoice,
 }
 
 /// Where rows go.
@@ -184,7 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         layer: args.layer.clone(),
         pool: args.pool,
     };
-    let backbone = Backbone::load(&opts, Device::flex())?;
+    let device = super::open_device(args.device, args.quiet)?;
+    let backbone = Backbone::load(&opts, device)?;
 
     let progress = super::progress_bar(
         if streaming {

@@ -27,6 +27,24 @@ pub struct NetworkArgs {
     /// Refuse images with more pixels than this (decompression-bomb guard).
     #[arg(long, default_value_t = crate::image_io::DEFAULT_MAX_PIXELS, value_name = "N")]
     pub max_pixels: u64,
+
+    /// Where the network runs: cpu, wgpu (a GPU; needs a build with --features wgpu) or auto
+    /// (the GPU if there is one, else the CPU with a warning).
+    #[arg(long, default_value = "cpu", value_name = "cpu|wgpu|auto")]
+    pub device: crate::device::DeviceChoice,
+}
+
+/// Opens the device `--device` names; unless `quiet`, says which GPU the network runs on (the
+/// CPU, the default, goes unsaid).
+pub fn open_device(
+    choice: crate::device::DeviceChoice,
+    quiet: bool,
+) -> anyhow::Result<burn::prelude::Device> {
+    let (device, description) = crate::device::open(choice).map_err(anyhow::Error::msg)?;
+    if !quiet && !crate::device::is_cpu(&device) {
+        eprintln!("running on {description}");
+    }
+    Ok(device)
 }
 
 /// How a command ended, for the process exit code.

@@ -223,7 +223,8 @@ fn predict_images(
         layer: Some(p.layer.clone()),
         pool,
     };
-    let backbone = Backbone::load(&opts, burn::prelude::Device::flex())?;
+    let device = super::open_device(args.run.device, args.quiet)?;
+    let backbone = Backbone::load(&opts, device)?;
     check_backbone(head, &backbone.meta, &args.head, &backbone.weights_path)?;
     if backbone.dim() != head.feature_dim {
         bail!(

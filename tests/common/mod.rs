@@ -23,6 +23,22 @@ pub fn shared(rel: &str) -> PathBuf {
     p
 }
 
+/// The device parity tests run the network on: `$DLTOOL_TEST_DEVICE` (cpu, wgpu or auto; cpu
+/// when unset), so that on a GPU machine `DLTOOL_TEST_DEVICE=wgpu cargo test --release
+/// --features wgpu --test inception_parity` checks the same tolerances there.
+pub fn test_device() -> burn::prelude::Device {
+    let choice: dltool::device::DeviceChoice = match std::env::var("DLTOOL_TEST_DEVICE") {
+        Ok(name) => name
+            .parse()
+            .unwrap_or_else(|e| panic!("DLTOOL_TEST_DEVICE: {e}")),
+        Err(_) => dltool::device::DeviceChoice::Cpu,
+    };
+    let (device, description) =
+        dltool::device::open(choice).unwrap_or_else(|e| panic!("DLTOOL_TEST_DEVICE: {e}"));
+    eprintln!("test device: {description}");
+    device
+}
+
 /// A golden safetensors file: tensors by name and the header metadata.
 pub struct Golden {
     bytes: Vec<u8>,
