@@ -3,6 +3,7 @@
 //!
 //! A wgpu adapter of type `Cpu` (Mesa's llvmpipe, the only one on GPU-less Linux machines) is
 //! refused: it is a software rasteriser, tens of times slower than burn-flex on the same cores.
+//! `DLTOOL_WGPU_ALLOW_SOFTWARE=1` accepts it anyway, to test the wgpu path on such a machine.
 
 use burn::tensor::Device;
 
@@ -121,7 +122,9 @@ fn open_wgpu() -> Result<(Device, String), String> {
     let (device, setup) = quiet_catch_unwind(|| Device::wgpu_options().init_with_setup())?
         .map_err(|e| format!("no usable GPU: {}", one_line(&e.to_string())))?;
     let info = setup.adapter.get_info();
-    if info.device_type == DeviceType::Cpu {
+    // The override exists to test the wgpu code path (kernels, numerics) on GPU-less machines.
+    let allow_software = std::env::var_os("DLTOOL_WGPU_ALLOW_SOFTWARE").is_some_and(|v| v == "1");
+    if info.device_type == DeviceType::Cpu && !allow_software {
         return Err(format!(
             "no GPU found: the only wgpu adapter is '{}', a software renderer running on the CPU \
              (slower than --device cpu)",

@@ -4,7 +4,12 @@
 # not been run on one yet.
 #
 # Usage: bash bench/gpu/run_gpu_bench.sh [IMAGE_DIR]      (default: ../shared/flowers)
-#   DLTOOL=path    a dltool built with --features wgpu [default: cargo build --release --features wgpu]
+#   DLTOOL=path    a dltool built with --features wgpu, or that binary gzipped (FILE.gz)
+#                  [default: cargo build --release --features wgpu]
+#
+# Through the `device` tool, whose carry limit (64 MiB) a stripped wgpu build (78.5 MB) exceeds:
+#   strip -o target/dltool-wgpu target/release/dltool && gzip -f target/dltool-wgpu   (~20 MB)
+# then carry target/dltool-wgpu.gz and run with DLTOOL=target/dltool-wgpu.gz PARITY=0.
 #   BATCHES="8 32" featurize batch sizes to time          [default: 8 32 64]
 #   PYTHON=python3 the interpreter of the PyTorch peer     [default: bench/.venv/bin/python, else python3]
 #   PARITY=0       skip the parity tests (they need cargo)
@@ -32,6 +37,9 @@ n_images="$(find "$images" -type f ! -name '.*' | wc -l)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "images: $images ($n_images files), threads: $threads"
 
+case "${DLTOOL:-}" in
+*.gz) gunzip -c "$DLTOOL" >"$tmp/dltool" && chmod +x "$tmp/dltool" && DLTOOL="$tmp/dltool" ;;
+esac
 if [ -z "${DLTOOL:-}" ]; then
     (cd "$root" && cargo build --release --features wgpu)
     DLTOOL="$root/target/release/dltool"
