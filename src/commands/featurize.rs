@@ -7,7 +7,6 @@ use crate::features::{
     SafetensorsFeatureWriter,
 };
 use crate::featurize::{self, Outcome};
-use crate::image_io::DEFAULT_MAX_PIXELS;
 use crate::inception_v3::BlockVariant;
 use crate::inputs::{self, Found, Input, Shard};
 use crate::journal::{FileStamp, Journal};
@@ -86,14 +85,6 @@ pub struct Args {
     #[arg(long, default_value = "avg", value_name = "avg|max|none")]
     pub pool: Pool,
 
-    /// Images per network batch.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub batch_size: u32,
-
-    /// Worker threads for decoding and the network [default: all cores].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub threads: Option<u32>,
-
     /// Reuse rows of unchanged images from OUT.journal (left by an earlier or interrupted run).
     #[arg(long)]
     pub resume: bool,
@@ -106,14 +97,8 @@ pub struct Args {
     #[arg(short, long)]
     pub quiet: bool,
 
-    /// Refuse images with more pixels than this (decompression-bomb guard).
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
-    pub max_pixels: u64,
-
-    /// Where the network runs: cpu, wgpu (a GPU; needs a build with --features wgpu) or auto
-    /// (the GPU if there is one, else the CPU with a warning).
-    #[arg(long, default_value = "cpu", value_name = "cpu|wgpu|auto")]
-    pub device: crate::device::DeviceChoice,
+    #[command(flatten)]
+    pub run: super::NetworkArgs,
 }
 
 /// Where rows go.
@@ -123,7 +108,7 @@ enum Target {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Status> {
-    super::set_threads(args.threads);
+    super::set_threads(args.run.threads);
     let target = match &args.output {
         None => Target::Stdout,
         Some(p) if p.as_os_str() == "-" => Target::Stdout,
@@ -188,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         layer: args.layer.clone(),
         pool: args.pool,
     };
-    let device = super::open_device(args.device, args.quiet)?;
+    let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;
 
     let progress = super::progress_bar(
@@ -278,8 +263,8 @@ fn to_stdout(
     featurize::run(
         backbone,
         inputs,
-        args.batch_size as usize,
-        args.max_pixels,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
         |i, outcome| out.emit(&inputs[i], outcome, progress, tally),
     )
 }
@@ -294,7 +279,7 @@ fn stream_to_stdout(
 ) -> anyhow::Result<()> {
     let mut out = StdoutRows::start(args, backbone)?;
     // A few batches of paths may wait; the reader blocks beyond that, which bounds memory.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Found>(2 * args.batch_size as usize);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Found>(2 * args.run.batch_size as usize);
     let read_error = std::sync::Arc::new(std::sync::Mutex::new(None));
     let paths = args.paths.clone();
     let reader_error = read_error.clone();
@@ -311,8 +296,8 @@ fn stream_to_stdout(
     featurize::run_stream(
         backbone,
         rx,
-        args.batch_size as usize,
-        args.max_pixels,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
         |_, item, outcome| match item {
             Found::Input(input) => out.emit(input, outcome, progress, tally),
             Found::Skip(skip) => {
@@ -457,8 +442,8 @@ fn to_file(
     featurize::run(
         backbone,
         &todo_inputs,
-        args.batch_size as usize,
-        args.max_pixels,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
         |j, outcome| {
             let i = todo[j];
             match outcome {

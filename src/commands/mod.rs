@@ -20,7 +20,7 @@ pub struct NetworkArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: u32,
 
-    /// Worker threads [default: all cores].
+    /// Worker threads for decoding and the network [default: all cores].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
 
