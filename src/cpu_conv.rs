@@ -20,6 +20,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
+use crate::winograd::WinogradConv;
+
 /// `n` images of `h` x `w` pixels with `c` channels each, stored `[n][h][w][c]`.
 ///
 /// Buffers of dropped activations are kept for the next ones: a network allocates the same
@@ -184,6 +186,8 @@ pub struct Conv {
     /// Per output column: which epilogue applies (several convolutions fused into one GEMM may
     /// want different ones).
     epilogue: Vec<Epilogue>,
+    /// The same convolution the Winograd way, used instead when set.
+    winograd: Option<Box<WinogradConv>>,
 }
 
 impl Conv {
@@ -218,7 +222,42 @@ impl Conv {
             w,
             bias: bias.to_vec(),
             epilogue: vec![Epilogue::BiasRelu; cout],
+            winograd: None,
         }
+    }
+
+    /// This convolution computed with Winograd `F(tile, kernel)` (stride 1, bias and ReLU
+    /// epilogue only), unless `DLTOOL_WINOGRAD=0` asks for im2col everywhere.
+    pub fn with_winograd(mut self, tile: [usize; 2]) -> Self {
+        assert_eq!(self.stride, [1, 1], "Winograd needs stride 1");
+        assert!(
+            self.epilogue.iter().all(|e| *e == Epilogue::BiasRelu),
+            "Winograd convolutions end in bias and ReLU"
+        );
+        if std::env::var_os("DLTOOL_WINOGRAD").is_some_and(|v| v == "0") {
+            return self;
+        }
+        let [kh, kw] = self.kernel;
+        let (cin, cout) = (self.cin, self.cout);
+        let mut weight = vec![0.0; cout * cin * kh * kw];
+        for co in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        weight[((co * cin + ci) * kh + ky) * kw + kx] =
+                            self.w[((ky * kw + kx) * cin + ci) * cout + co];
+                    }
+                }
+            }
+        }
+        self.winograd = Some(Box::new(WinogradConv::new(
+            &weight,
+            &self.bias,
+            [cout, cin, kh, kw],
+            self.pad,
+            tile,
+        )));
+        self
     }
 
     /// This convolution with a different epilogue on all its outputs.
@@ -253,6 +292,7 @@ impl Conv {
             w,
             bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
             epilogue: parts.iter().flat_map(|p| p.epilogue.clone()).collect(),
+            winograd: None,
         }
     }
 
@@ -282,6 +322,9 @@ impl Conv {
             (x.n, ho, wo),
             "output shape does not match the convolution"
         );
+        if let Some(wg) = &self.winograd {
+            return wg.forward_into(x, x_c0, out, out_c0);
+        }
         let direct = self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0];
         let k = self.kernel[0] * self.kernel[1] * self.cin;
         let out_c = out.c;

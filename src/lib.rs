@@ -26,3 +26,4 @@ pub mod registry;
 pub mod split;
 pub mod tune;
 pub mod weights;
+pub mod winograd;

@@ -55,6 +55,37 @@ fn pseudo(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Runs `conv` on `x` (NCHW) held as channels 2.. of a wider activation, into channels 1.. of a
+/// wider output; returns the result in NHWC and NCHW order and its max |difference| from
+/// `want`, after checking that the channels around the written range stay untouched.
+fn run_wide(
+    conv: &Conv,
+    x: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    want: &[f32],
+    [cout, ho, wo]: [usize; 3],
+) -> (Act, f32) {
+    let mut wide = Act::zeros(n, h, w, cin + 3);
+    wide.copy_channels(2, &Act::from_nchw(x, n, cin, h, w), 0, cin);
+    let mut out = Act::zeros(n, ho, wo, cout + 4);
+    conv.forward_into(&wide, 2, &mut out, 1);
+    assert!(
+        out.data
+            .chunks(cout + 4)
+            .all(|r| r[0] == 0.0 && r[cout + 1..] == [0.0; 3]),
+        "channels outside the range written"
+    );
+    let mut got = Act::zeros(n, ho, wo, cout);
+    got.copy_channels(0, &out, 1, cout);
+    let diff = got
+        .to_nchw()
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    (got, diff)
+}
+
 #[test]
 fn conv_matches_direct_convolution_for_every_kernel_shape_inception_uses() {
     // (cin, cout, kh, kw, stride, pad): 1x1, 3x3 valid/same/stride 2, 5x5, 1x7, 7x1.
@@ -75,26 +106,8 @@ fn conv_matches_direct_convolution_for_every_kernel_shape_inception_uses() {
         let (want, ho, wo) =
             reference_conv(&x, [n, cin, h, w], &wt, &b, [cout, kh, kw], [s, s], pad);
         let conv = Conv::new(&wt, &b, [cout, cin, kh, kw], [s, s], pad);
-        // Input as a channel slice of a wider activation, output into a wider one.
-        let mut wide = Act::zeros(n, h, w, cin + 3);
-        wide.copy_channels(2, &Act::from_nchw(&x, n, cin, h, w), 0, cin);
-        let mut out = Act::zeros(n, ho, wo, cout + 4);
-        conv.forward_into(&wide, 2, &mut out, 1);
-        let mut got = Act::zeros(n, ho, wo, cout);
-        got.copy_channels(0, &out, 1, cout);
-        let got = got.to_nchw();
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let (_, diff) = run_wide(&conv, &x, [n, cin, h, w], &want, [cout, ho, wo]);
         assert!(diff < 1e-5, "case {i}: max diff {diff}");
-        // The channels around the written range stay untouched.
-        assert!(
-            out.data
-                .chunks(cout + 4)
-                .all(|r| r[0] == 0.0 && r[cout + 1..] == [0.0; 3])
-        );
     }
 }
 
@@ -174,4 +187,74 @@ fn pools_match_their_definitions() {
         .fold(f32::MIN, f32::max);
     // Image 1, output pixel (1, 1), channel 2.
     assert_eq!(pooled.data[((2 + 1) * 2 + 1) * c + 2], want);
+}
+
+#[test]
+fn winograd_transforms_are_exact_correlations() {
+    use dltool::winograd::Transform1d;
+    for (m, r) in [(2, 3), (4, 3), (6, 3), (2, 5), (2, 7), (4, 7), (3, 1)] {
+        let t = Transform1d::new(m, r);
+        let (g, d) = (pseudo(r, m as u64), pseudo(t.alpha, 50 + r as u64));
+        let a = t.alpha;
+        let gg: Vec<f64> = (0..a)
+            .map(|j| (0..r).map(|k| t.g[j * r + k] * g[k] as f64).sum())
+            .collect();
+        let bd: Vec<f64> = (0..a)
+            .map(|j| (0..a).map(|l| t.bt[j * a + l] * d[l] as f64).sum())
+            .collect();
+        for i in 0..m {
+            let got: f64 = (0..a).map(|j| t.at[i * a + j] * gg[j] * bd[j]).sum();
+            let want: f64 = (0..r).map(|k| g[k] as f64 * d[i + k] as f64).sum();
+            assert!(
+                (got - want).abs() < 1e-9,
+                "F({m}, {r}) output {i}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn winograd_convolutions_match_direct_convolution_and_ignore_the_batch() {
+    // (cin, cout, kh, kw, pad, tile): the shapes the engine runs with Winograd, on maps that
+    // leave partial tiles at the right and bottom edges.
+    let cases = [
+        (6, 5, 3, 3, [1, 1], [4, 4]),
+        (6, 5, 3, 3, [0, 0], [4, 4]),
+        (5, 7, 3, 3, [1, 1], [2, 2]),
+        (4, 3, 5, 5, [2, 2], [2, 2]),
+        (4, 6, 1, 7, [0, 3], [1, 2]),
+        (4, 6, 7, 1, [3, 0], [2, 1]),
+        (4, 6, 1, 7, [0, 3], [1, 4]),
+        (4, 6, 7, 1, [3, 0], [4, 1]),
+        // Whole 16-channel vectors: the AVX-512 transforms, where the CPU has them.
+        (16, 32, 3, 3, [1, 1], [4, 4]),
+        (32, 16, 3, 3, [0, 0], [4, 4]),
+        (16, 16, 5, 5, [2, 2], [2, 2]),
+        (32, 16, 1, 7, [0, 3], [1, 4]),
+        (16, 32, 7, 1, [3, 0], [4, 1]),
+    ];
+    let (n, h, w) = (3, 13, 11);
+    for (i, &(cin, cout, kh, kw, pad, tile)) in cases.iter().enumerate() {
+        let x = pseudo(n * cin * h * w, 300 + i as u64);
+        let wt = pseudo(cout * cin * kh * kw, 400 + i as u64);
+        let b = pseudo(cout, 500 + i as u64);
+        let (want, ho, wo) =
+            reference_conv(&x, [n, cin, h, w], &wt, &b, [cout, kh, kw], [1, 1], pad);
+        let conv = Conv::new(&wt, &b, [cout, cin, kh, kw], [1, 1], pad).with_winograd(tile);
+        let (got, diff) = run_wide(&conv, &x, [n, cin, h, w], &want, [cout, ho, wo]);
+        // F(4, 7) takes points up to +-3, so its rounding error grows with the values' scale.
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff < 2e-5 * scale,
+            "case {i}: max diff {diff}, max |value| {scale}"
+        );
+        // The last image alone gives the same bits as inside the batch.
+        let one = &x[(n - 1) * cin * h * w..];
+        let alone = conv.forward(&Act::from_nchw(one, 1, cin, h, w), 0);
+        assert_eq!(
+            alone.data[..],
+            got.data[(n - 1) * ho * wo * cout..],
+            "case {i}"
+        );
+    }
 }

@@ -1,0 +1,761 @@
+//! Winograd (Toom-Cook) convolution for the NHWC CPU engine: stride-1 kxk, 1xk and kx1
+//! convolutions with fewer multiplications than im2col + GEMM.
+//!
+//! `F(m, r)` computes `m` outputs of an `r`-tap correlation from `alpha = m + r - 1` inputs with
+//! `alpha` products instead of `m * r`: `y = At [(G g) * (Bt d)]`. In two dimensions the
+//! transforms nest, so a 3x3 convolution with `F(4x4, 3x3)` needs 36 products per 16 outputs
+//! instead of 144. Per tile of `alpha_y x alpha_x` input pixels the input is transformed
+//! (`Bt d B`, every channel), then each of the `alpha_y * alpha_x` transformed positions is one
+//! GEMM (tiles x cin) x (cin x cout) against weights transformed once at load (`G g Gt`), and
+//! the output transform (`At m A`) gives `m_y x m_x` output pixels, with bias and ReLU added.
+//!
+//! The transforms are built at load from interpolation points (0, 1, -1, 2, -2, 1/2, -1/2, ...)
+//! in f64: `At` and `G` by their textbook formulas and `Bt` by solving the bilinear identity
+//! that makes the algorithm an exact correlation, so any `F(m, r)` in reach of those points
+//! comes out of one routine (checked on construction and in tests/cpu_conv.rs).
+//!
+//! Why by hand: no maintained crate does Winograd convolution on NHWC f32 data; the
+//! multiplications still go through the `gemm` crate.
+
+use crate::cpu_conv::Act;
+use std::cell::RefCell;
+
+/// Calls `$f` compiled for AVX-512 or AVX2 when the CPU has them: the transforms are long
+/// element-wise loops that the portable x86-64 baseline (SSE2) runs four lanes at a time.
+/// Results differ in the last bits between paths (fused or separate multiply-add), like the
+/// GEMM kernels' do; on one machine they never depend on the batch.
+macro_rules! simd_dispatch {
+    ($f:ident($($a:ident: $t:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,fma")]
+            fn avx512($($a: $t),*) {
+                $f::<true>($($a),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($a: $t),*) {
+                $f::<true>($($a),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX-512F and FMA (checked above).
+                return unsafe { avx512($($a),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { avx2($($a),*) };
+            }
+        }
+        $f::<false>($($a),*)
+    }};
+}
+
+/// Interpolation points in the order they are taken; small magnitudes keep the transforms
+/// well conditioned in f32.
+const POINTS: [f64; 9] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0];
+
+/// The one-dimensional transforms of `F(m, r)`.
+#[derive(Debug, Clone)]
+pub struct Transform1d {
+    pub m: usize,
+    pub r: usize,
+    pub alpha: usize,
+    /// `m x alpha`
+    pub at: Vec<f64>,
+    /// `alpha x r`
+    pub g: Vec<f64>,
+    /// `alpha x alpha`
+    pub bt: Vec<f64>,
+}
+
+impl Transform1d {
+    /// `F(m, r)`; `F(1, 1)` is the identity (for the axis of a 1xk or kx1 kernel).
+    pub fn new(m: usize, r: usize) -> Self {
+        assert!(m >= 1 && r >= 1, "F(m, r) needs m, r >= 1");
+        let alpha = m + r - 1;
+        if alpha == 1 {
+            return Self {
+                m,
+                r,
+                alpha,
+                at: vec![1.0],
+                g: vec![1.0],
+                bt: vec![1.0],
+            };
+        }
+        // alpha - 1 finite points and the point at infinity.
+        let f = alpha - 1;
+        assert!(
+            f <= POINTS.len(),
+            "F({m}, {r}) needs more interpolation points"
+        );
+        let p = &POINTS[..f];
+        let mut at = vec![0.0; m * alpha];
+        for i in 0..m {
+            for j in 0..f {
+                at[i * alpha + j] = p[j].powi(i as i32);
+            }
+            at[i * alpha + f] = if i == m - 1 { 1.0 } else { 0.0 };
+        }
+        let mut g = vec![0.0; alpha * r];
+        for j in 0..f {
+            let fj: f64 = (0..f).filter(|&l| l != j).map(|l| p[j] - p[l]).product();
+            for k in 0..r {
+                g[j * r + k] = p[j].powi(k as i32) / fj;
+            }
+        }
+        g[f * r + r - 1] = 1.0;
+        // Bt: for each input position l, sum_j At[i][j] G[j][k] Bt[j][l] = [l == i + k] for
+        // every output i and tap k. The system is consistent (Toom-Cook guarantees a solution)
+        // and overdetermined; least squares by QR finds it.
+        let rows = m * r;
+        let mut coef = vec![0.0; rows * alpha];
+        for i in 0..m {
+            for k in 0..r {
+                for j in 0..alpha {
+                    coef[(i * r + k) * alpha + j] = at[i * alpha + j] * g[j * r + k];
+                }
+            }
+        }
+        let mut bt = vec![0.0; alpha * alpha];
+        for l in 0..alpha {
+            let rhs: Vec<f64> = (0..rows)
+                .map(|ik| if ik / r + ik % r == l { 1.0 } else { 0.0 })
+                .collect();
+            let x = least_squares(&coef, rows, alpha, &rhs);
+            for j in 0..alpha {
+                bt[j * alpha + l] = x[j];
+            }
+        }
+        let t = Self {
+            m,
+            r,
+            alpha,
+            at,
+            g,
+            bt,
+        };
+        let err = t.identity_error();
+        assert!(err < 1e-9, "F({m}, {r}): transforms off by {err}");
+        t
+    }
+
+    /// Largest deviation of `At diag(G e_k) Bt` from the correlation's 0/1 pattern.
+    fn identity_error(&self) -> f64 {
+        let (m, r, a) = (self.m, self.r, self.alpha);
+        let mut worst: f64 = 0.0;
+        for i in 0..m {
+            for k in 0..r {
+                for l in 0..a {
+                    let s: f64 = (0..a)
+                        .map(|j| self.at[i * a + j] * self.g[j * r + k] * self.bt[j * a + l])
+                        .sum();
+                    let want = if l == i + k { 1.0 } else { 0.0 };
+                    worst = worst.max((s - want).abs());
+                }
+            }
+        }
+        worst
+    }
+}
+
+/// Least-squares solution of the `rows x cols` system `a x = b` (Householder QR, f64).
+fn least_squares(a: &[f64], rows: usize, cols: usize, b: &[f64]) -> Vec<f64> {
+    assert!(rows >= cols);
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    for c in 0..cols {
+        let norm = (c..rows)
+            .map(|r| a[r * cols + c].powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if norm == 0.0 {
+            continue;
+        }
+        let alpha = if a[c * cols + c] > 0.0 { -norm } else { norm };
+        let mut v: Vec<f64> = (c..rows).map(|r| a[r * cols + c]).collect();
+        v[0] -= alpha;
+        let vv: f64 = v.iter().map(|x| x * x).sum();
+        if vv == 0.0 {
+            continue;
+        }
+        for cc in c..cols {
+            let d: f64 = (c..rows).map(|r| v[r - c] * a[r * cols + cc]).sum::<f64>() * 2.0 / vv;
+            for r in c..rows {
+                a[r * cols + cc] -= d * v[r - c];
+            }
+        }
+        let d: f64 = (c..rows).map(|r| v[r - c] * b[r]).sum::<f64>() * 2.0 / vv;
+        for r in c..rows {
+            b[r] -= d * v[r - c];
+        }
+    }
+    let mut x = vec![0.0; cols];
+    for c in (0..cols).rev() {
+        let s: f64 = (c + 1..cols).map(|j| a[c * cols + j] * x[j]).sum();
+        let diag = a[c * cols + c];
+        assert!(diag.abs() > 1e-12, "singular Winograd system");
+        x[c] = (b[c] - s) / diag;
+    }
+    x
+}
+
+/// Rows of a small dense matrix as (column, coefficient) lists without the zeros: the
+/// transforms are about half zeros.
+fn sparse_rows(mat: &[f64], rows: usize, cols: usize) -> Vec<Vec<(usize, f32)>> {
+    (0..rows)
+        .map(|i| {
+            (0..cols)
+                .filter(|&j| mat[i * cols + j].abs() > 1e-12)
+                .map(|j| (j, mat[i * cols + j] as f32))
+                .collect()
+        })
+        .collect()
+}
+
+/// A stride-1 convolution run the Winograd way, with its weights transformed.
+#[derive(Debug, Clone)]
+pub struct WinogradConv {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: [usize; 2],
+    pub pad: [usize; 2],
+    /// Output pixels per tile along y and x.
+    pub tile: [usize; 2],
+    alpha: [usize; 2],
+    /// `bt` rows of the y and x transforms.
+    bt: [Vec<Vec<(usize, f32)>>; 2],
+    /// `at` rows of the y and x transforms.
+    at: [Vec<Vec<(usize, f32)>>; 2],
+    /// Transformed weights `[alpha_y * alpha_x][cin][cout]`.
+    u: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl WinogradConv {
+    /// From a weight in `[cout][cin][kh][kw]` order, its bias, and `m_y x m_x` outputs per
+    /// tile (1 along an axis where the kernel is 1). Bias and ReLU follow every output.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        [cout, cin, kh, kw]: [usize; 4],
+        pad: [usize; 2],
+        tile: [usize; 2],
+    ) -> Self {
+        assert_eq!(weight.len(), cout * cin * kh * kw, "weight length");
+        assert_eq!(bias.len(), cout, "bias length");
+        let ty = Transform1d::new(tile[0], kh);
+        let tx = Transform1d::new(tile[1], kw);
+        let (ay, ax) = (ty.alpha, tx.alpha);
+        let mut u = vec![0.0f32; ay * ax * cin * cout];
+        let mut gw = vec![0.0f64; ay * kw];
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &weight[(co * cin + ci) * kh * kw..(co * cin + ci + 1) * kh * kw];
+                // G_y g, then (G_y g) G_x^T
+                for a in 0..ay {
+                    for x in 0..kw {
+                        gw[a * kw + x] = (0..kh)
+                            .map(|y| ty.g[a * kh + y] * g[y * kw + x] as f64)
+                            .sum();
+                    }
+                }
+                for a in 0..ay {
+                    for b in 0..ax {
+                        let v: f64 = (0..kw).map(|x| gw[a * kw + x] * tx.g[b * kw + x]).sum();
+                        u[((a * ax + b) * cin + ci) * cout + co] = v as f32;
+                    }
+                }
+            }
+        }
+        Self {
+            cin,
+            cout,
+            kernel: [kh, kw],
+            pad,
+            tile,
+            alpha: [ay, ax],
+            bt: [sparse_rows(&ty.bt, ay, ay), sparse_rows(&tx.bt, ax, ax)],
+            at: [
+                sparse_rows(&ty.at, tile[0], ay),
+                sparse_rows(&tx.at, tile[1], ax),
+            ],
+            u,
+            bias: bias.to_vec(),
+        }
+    }
+
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let [kh, kw] = self.kernel;
+        let [ph, pw] = self.pad;
+        (h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
+    }
+
+    /// Convolves channels `x_c0..x_c0 + cin` of `x` into channels `out_c0..out_c0 + cout` of
+    /// `out` with bias and ReLU.
+    ///
+    /// Work is split per image into bands of tile rows whose size depends on the layer alone,
+    /// so no GEMM ever mixes images and features do not depend on the batch size.
+    pub fn forward_into(&self, x: &Act, x_c0: usize, out: &mut Act, out_c0: usize) {
+        use rayon::prelude::*;
+        let (ho, wo) = self.out_hw(x.h, x.w);
+        assert!(x_c0 + self.cin <= x.c, "input channels out of range");
+        assert!(out_c0 + self.cout <= out.c, "output channels out of range");
+        assert_eq!((out.n, out.h, out.w), (x.n, ho, wo), "output shape");
+        let [my, mx] = self.tile;
+        let tiles_y = ho.div_ceil(my);
+        let tiles_x = wo.div_ceil(mx);
+        let band = self.band_rows(tiles_x, tiles_y);
+        let row_len = wo * out.c;
+        let img_len = ho * row_len;
+        let mut work: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (img, img_out) in out.data.chunks_mut(img_len).enumerate() {
+            let mut rest = img_out;
+            let mut ty0 = 0;
+            while ty0 < tiles_y {
+                let ty1 = (ty0 + band).min(tiles_y);
+                let rows = (ty1 * my).min(ho) - ty0 * my;
+                let (head, tail) = rest.split_at_mut(rows * row_len);
+                work.push((img, ty0, head));
+                rest = tail;
+                ty0 = ty1;
+            }
+        }
+        let out_c = out.c;
+        work.into_par_iter().for_each(|(img, ty0, dst)| {
+            let rows = dst.len() / row_len;
+            let ty1 = ty0 + rows.div_ceil(my);
+            let band = Band {
+                img,
+                tys: ty0..ty1,
+                tiles_x,
+                out_c,
+                out_c0,
+                ho,
+                wo,
+            };
+            self.band(x, x_c0, &band, dst);
+        });
+    }
+
+    /// Tile rows per band: about 64-256 tiles (rows of each GEMM), fewer when the layer is wide
+    /// so the transformed band stays near 1 MB (0.25-2 MB measured within noise).
+    fn band_rows(&self, tiles_x: usize, tiles_y: usize) -> usize {
+        let per_tile = self.alpha[0] * self.alpha[1] * (self.cin + self.cout) * 4;
+        let want = ((1 << 20) / per_tile).clamp(64, 256);
+        let rows = want.div_ceil(tiles_x).clamp(1, tiles_y);
+        // Even bands, so the last is not a sliver.
+        let bands = tiles_y.div_ceil(rows);
+        tiles_y.div_ceil(bands)
+    }
+
+    fn band(&self, x: &Act, x_c0: usize, b: &Band, dst: &mut [f32]) {
+        let [ay, ax] = self.alpha;
+        let [my, mx] = self.tile;
+        let positions = ay * ax;
+        let (cin, cout) = (self.cin, self.cout);
+        let tiles = b.tys.len() * b.tiles_x;
+        let row_len = b.wo * b.out_c;
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let Scratch { v, m, d, t } = &mut *s;
+            grow(v, positions * tiles * cin);
+            grow(m, positions * tiles * cout);
+            grow(d, positions * cin.max(cout));
+            grow(t, positions * cin.max(cout));
+            let fast = self.avx512();
+            for (i, ty) in b.tys.clone().enumerate() {
+                for tx in 0..b.tiles_x {
+                    let tile = i * b.tiles_x + tx;
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        // SAFETY: avx512() checked the CPU and the channel counts.
+                        unsafe { avx512::input(self, x, x_c0, b.img, [ty, tx], v, tile, tiles) };
+                        continue;
+                    }
+                    let _ = fast;
+                    self.gather(x, x_c0, b.img, ty, tx, d);
+                    transform_input(self, d, t, v, tile, tiles);
+                }
+            }
+            for p in 0..positions {
+                // SAFETY: each operand lies inside its buffer: v holds positions x tiles x cin,
+                // m positions x tiles x cout and u positions x cin x cout floats.
+                unsafe {
+                    gemm::gemm(
+                        tiles,
+                        cout,
+                        cin,
+                        m[p * tiles * cout..].as_mut_ptr(),
+                        1,
+                        cout as isize,
+                        false,
+                        v[p * tiles * cin..].as_ptr(),
+                        1,
+                        cin as isize,
+                        self.u[p * cin * cout..].as_ptr(),
+                        1,
+                        cout as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            let mut offsets = [usize::MAX; 64];
+            for i in 0..b.tys.len() {
+                for tx in 0..b.tiles_x {
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        for yy in 0..my {
+                            for xx in 0..mx {
+                                let (oy, ox) = (i * my + yy, tx * mx + xx);
+                                offsets[yy * mx + xx] = if b.tys.start * my + oy < b.ho && ox < b.wo
+                                {
+                                    oy * row_len + ox * b.out_c + b.out_c0
+                                } else {
+                                    usize::MAX
+                                };
+                            }
+                        }
+                        let tile = i * b.tiles_x + tx;
+                        // SAFETY: avx512() checked the CPU and the channel counts; the
+                        // offsets point at cout floats inside dst.
+                        unsafe { avx512::output(self, m, tile, tiles, dst, &offsets) };
+                        continue;
+                    }
+                    let _ = &mut offsets;
+                    transform_output(self, m, t, d, i * b.tiles_x + tx, tiles);
+                    // d now holds the tile's my x mx x cout outputs.
+                    for yy in 0..my {
+                        let oy = i * my + yy;
+                        if b.tys.start * my + oy >= b.ho {
+                            break;
+                        }
+                        for xx in 0..mx.min(b.wo - tx * mx) {
+                            let src = &d[(yy * mx + xx) * cout..(yy * mx + xx + 1) * cout];
+                            let o = oy * row_len + (tx * mx + xx) * b.out_c + b.out_c0;
+                            for ((o, s), bias) in
+                                dst[o..o + cout].iter_mut().zip(src).zip(&self.bias)
+                            {
+                                *o = (s + bias).max(0.0);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether the AVX-512 transforms apply: the CPU has them and the channels come in whole
+    /// vectors (every InceptionV3 layer's do).
+    fn avx512(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.cin.is_multiple_of(16)
+                && self.cout.is_multiple_of(16)
+                && self.alpha[0] * self.alpha[1] <= 64
+                && self.tile[0] * self.tile[1] <= 64
+                && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The input tile `(ty, tx)` of image `img`, `alpha_y x alpha_x x cin`, zeros outside.
+    fn gather(&self, x: &Act, x_c0: usize, img: usize, ty: usize, tx: usize, d: &mut [f32]) {
+        let [ay, ax] = self.alpha;
+        let cin = self.cin;
+        let y0 = (ty * self.tile[0]) as isize - self.pad[0] as isize;
+        let x0 = (tx * self.tile[1]) as isize - self.pad[1] as isize;
+        for a in 0..ay {
+            let iy = y0 + a as isize;
+            for b in 0..ax {
+                let ix = x0 + b as isize;
+                let dst = &mut d[(a * ax + b) * cin..(a * ax + b + 1) * cin];
+                if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
+                    dst.fill(0.0);
+                } else {
+                    let p = ((img * x.h + iy as usize) * x.w + ix as usize) * x.c + x_c0;
+                    dst.copy_from_slice(&x.data[p..p + cin]);
+                }
+            }
+        }
+    }
+}
+
+/// One work item: a band of tile rows of one image, and where its outputs go.
+struct Band {
+    img: usize,
+    tys: std::ops::Range<usize>,
+    tiles_x: usize,
+    /// Channels of the output activation (its row stride per pixel).
+    out_c: usize,
+    out_c0: usize,
+    ho: usize,
+    wo: usize,
+}
+
+struct Scratch {
+    v: Vec<f32>,
+    m: Vec<f32>,
+    d: Vec<f32>,
+    t: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch { v: Vec::new(), m: Vec::new(), d: Vec::new(), t: Vec::new() })
+    };
+}
+
+/// `dst = sum coef * src[col]` over the listed columns, each `src[col]` a run of `len` floats;
+/// with fused multiply-adds where `FMA` says the CPU has them.
+#[inline(always)]
+fn combine<const FMA: bool>(
+    dst: &mut [f32],
+    row: &[(usize, f32)],
+    src: &[f32],
+    stride: usize,
+    len: usize,
+) {
+    let dst = &mut dst[..len];
+    let (c0, k0) = row[0];
+    for (o, s) in dst.iter_mut().zip(&src[c0 * stride..c0 * stride + len]) {
+        *o = k0 * s;
+    }
+    for &(c, k) in &row[1..] {
+        for (o, s) in dst.iter_mut().zip(&src[c * stride..c * stride + len]) {
+            *o = if FMA { k.mul_add(*s, *o) } else { *o + k * s };
+        }
+    }
+}
+
+/// `Bt d B` of one gathered tile `d` (`alpha_y x alpha_x x cin`) into row `tile` of each
+/// position's GEMM operand in `v`.
+fn transform_input(
+    w: &WinogradConv,
+    d: &[f32],
+    t: &mut [f32],
+    v: &mut [f32],
+    tile: usize,
+    tiles: usize,
+) {
+    simd_dispatch!(transform_input_impl(w: &WinogradConv, d: &[f32], t: &mut [f32], v: &mut [f32], tile: usize, tiles: usize))
+}
+
+#[inline(always)]
+fn transform_input_impl<const FMA: bool>(
+    w: &WinogradConv,
+    d: &[f32],
+    t: &mut [f32],
+    v: &mut [f32],
+    tile: usize,
+    tiles: usize,
+) {
+    let [ay, ax] = w.alpha;
+    let cin = w.cin;
+    // Along x: t[a][bx] = sum_b Bt_x[bx][b] d[a][b]
+    for a in 0..ay {
+        for (bx, row) in w.bt[1].iter().enumerate() {
+            let (dst, src) = (
+                &mut t[(a * ax + bx) * cin..],
+                &d[a * ax * cin..(a + 1) * ax * cin],
+            );
+            combine::<FMA>(dst, row, src, cin, cin);
+        }
+    }
+    // Along y: v[by][bx][tile] = sum_a Bt_y[by][a] t[a][bx]
+    for (by, row) in w.bt[0].iter().enumerate() {
+        for bx in 0..ax {
+            let p = by * ax + bx;
+            let dst = &mut v[(p * tiles + tile) * cin..(p * tiles + tile + 1) * cin];
+            combine::<FMA>(dst, row, &t[bx * cin..], ax * cin, cin);
+        }
+    }
+}
+
+/// `At m A` of tile `tile` from the GEMM results `m` into `out` (`m_y x m_x x cout`), using `t`
+/// as scratch.
+fn transform_output(
+    w: &WinogradConv,
+    m: &[f32],
+    t: &mut [f32],
+    out: &mut [f32],
+    tile: usize,
+    tiles: usize,
+) {
+    simd_dispatch!(transform_output_impl(w: &WinogradConv, m: &[f32], t: &mut [f32], out: &mut [f32], tile: usize, tiles: usize))
+}
+
+#[inline(always)]
+fn transform_output_impl<const FMA: bool>(
+    w: &WinogradConv,
+    m: &[f32],
+    t: &mut [f32],
+    out: &mut [f32],
+    tile: usize,
+    tiles: usize,
+) {
+    let [ay, ax] = w.alpha;
+    let mx = w.tile[1];
+    let cout = w.cout;
+    // Along x: t[by][j] = sum_bx At_x[j][bx] m[by][bx][tile]; the positions of one tile lie
+    // tiles * cout apart.
+    let stride = tiles * cout;
+    for by in 0..ay {
+        for (j, row) in w.at[1].iter().enumerate() {
+            let src = &m[(by * ax * tiles + tile) * cout..];
+            combine::<FMA>(&mut t[(by * mx + j) * cout..], row, src, stride, cout);
+        }
+    }
+    // Along y: out[i][j] = sum_by At_y[i][by] t[by][j]
+    for (i, row) in w.at[0].iter().enumerate() {
+        for j in 0..mx {
+            combine::<FMA>(
+                &mut out[(i * mx + j) * cout..],
+                row,
+                &t[j * cout..],
+                mx * cout,
+                cout,
+            );
+        }
+    }
+}
+
+/// The transforms with AVX-512 intrinsics, sixteen channels at a time with the whole tile in
+/// registers: the portable loops above make one pass over memory per transform coefficient,
+/// which cost as much as the GEMMs they save on InceptionV3's narrow stem layers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::WinogradConv;
+    use crate::cpu_conv::Act;
+    use std::arch::x86_64::*;
+
+    /// `sum k * vals[col * stride + off]` over a sparse transform row.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn dot(row: &[(usize, f32)], vals: &[__m512; 64], stride: usize, off: usize) -> __m512 {
+        let (c0, k0) = row[0];
+        let mut acc = _mm512_mul_ps(_mm512_set1_ps(k0), vals[c0 * stride + off]);
+        for &(c, k) in &row[1..] {
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(k), vals[c * stride + off], acc);
+        }
+        acc
+    }
+
+    /// `Bt d B` of input tile `[ty, tx]` of image `img`, straight from the activation, into
+    /// row `tile` of each position's GEMM operand in `v`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `w.cin` is a multiple of 16 and `alpha_y * alpha_x <= 64`;
+    /// `x_c0 + cin <= x.c`; `v` holds `alpha_y * alpha_x * tiles * cin` floats.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn input(
+        w: &WinogradConv,
+        x: &Act,
+        x_c0: usize,
+        img: usize,
+        [ty, tx]: [usize; 2],
+        v: &mut [f32],
+        tile: usize,
+        tiles: usize,
+    ) {
+        let [ay, ax] = w.alpha;
+        let cin = w.cin;
+        assert!(v.len() >= ay * ax * tiles * cin && x_c0 + cin <= x.c);
+        let y0 = (ty * w.tile[0]) as isize - w.pad[0] as isize;
+        let x0 = (tx * w.tile[1]) as isize - w.pad[1] as isize;
+        let mut d = [_mm512_setzero_ps(); 64];
+        let mut t = [_mm512_setzero_ps(); 64];
+        for c in (0..cin).step_by(16) {
+            for a in 0..ay {
+                let iy = y0 + a as isize;
+                for b in 0..ax {
+                    let ix = x0 + b as isize;
+                    d[a * ax + b] = if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize
+                    {
+                        _mm512_setzero_ps()
+                    } else {
+                        let p = ((img * x.h + iy as usize) * x.w + ix as usize) * x.c;
+                        // SAFETY: the pixel is inside the image and c + 16 <= cin.
+                        unsafe { _mm512_loadu_ps(x.data.as_ptr().add(p + x_c0 + c)) }
+                    };
+                }
+            }
+            for a in 0..ay {
+                for (bx, row) in w.bt[1].iter().enumerate() {
+                    t[a * ax + bx] = dot(row, &d, 1, a * ax);
+                }
+            }
+            for (by, row) in w.bt[0].iter().enumerate() {
+                for bx in 0..ax {
+                    let o = ((by * ax + bx) * tiles + tile) * cin + c;
+                    // SAFETY: o + 16 <= v.len() by the assert above.
+                    unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(o), dot(row, &t, ax, bx)) };
+                }
+            }
+        }
+    }
+
+    /// `At m A` of tile `tile` plus bias, ReLU, stored at `dst[offsets[i * m_x + j]..]` for
+    /// each output pixel `(i, j)` of the tile that lies inside the image (`usize::MAX` marks
+    /// the others).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `w.cout` is a multiple of 16; `m` holds
+    /// `alpha_y * alpha_x * tiles * cout` floats; each offset other than `usize::MAX` leaves
+    /// `cout` floats inside `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn output(
+        w: &WinogradConv,
+        m: &[f32],
+        tile: usize,
+        tiles: usize,
+        dst: &mut [f32],
+        offsets: &[usize; 64],
+    ) {
+        let [ay, ax] = w.alpha;
+        let [my, mx] = w.tile;
+        let cout = w.cout;
+        assert!(m.len() >= ay * ax * tiles * cout && w.bias.len() == cout);
+        let mut mm = [_mm512_setzero_ps(); 64];
+        let mut t = [_mm512_setzero_ps(); 64];
+        let zero = _mm512_setzero_ps();
+        for c in (0..cout).step_by(16) {
+            for (p, slot) in mm.iter_mut().enumerate().take(ay * ax) {
+                // SAFETY: inside m by the assert above.
+                *slot = unsafe { _mm512_loadu_ps(m.as_ptr().add((p * tiles + tile) * cout + c)) };
+            }
+            for by in 0..ay {
+                for (j, row) in w.at[1].iter().enumerate() {
+                    t[by * mx + j] = dot(row, &mm, 1, by * ax);
+                }
+            }
+            // SAFETY: c + 16 <= cout = bias.len().
+            let bias = unsafe { _mm512_loadu_ps(w.bias.as_ptr().add(c)) };
+            for (i, row) in w.at[0].iter().enumerate().take(my) {
+                for j in 0..mx {
+                    let o = offsets[i * mx + j];
+                    if o == usize::MAX {
+                        continue;
+                    }
+                    assert!(o + cout <= dst.len());
+                    let y = dot(row, &t, mx, j);
+                    let y = _mm512_max_ps(_mm512_add_ps(y, bias), zero);
+                    // SAFETY: o + cout <= dst.len() (asserted).
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(o + c), y) };
+                }
+            }
+        }
+    }
+}
