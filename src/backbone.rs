@@ -46,6 +46,46 @@ impl std::str::FromStr for Pool {
     }
 }
 
+/// Test-time augmentation: what else each image is run as, the results averaged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tta {
+    /// The image as it is.
+    #[default]
+    None,
+    /// The image and its left-right mirror (the preprocessed input reversed along its width);
+    /// the two pooled feature vectors are averaged. With `--pool none` the mirror's activation
+    /// map is reversed back along its width first, so each position still averages the same
+    /// region of the image.
+    Flip,
+}
+
+impl Tta {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tta::None => "none",
+            Tta::Flip => "flip",
+        }
+    }
+}
+
+impl std::str::FromStr for Tta {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Tta::None),
+            "flip" => Ok(Tta::Flip),
+            other => Err(format!(
+                "unknown test-time augmentation '{other}' (expected none or flip)"
+            )),
+        }
+    }
+}
+
+/// Reverses every run of `width` floats: mirrors CHW (or NCHW) data left-right.
+fn mirror_rows(data: &mut [f32], width: usize) {
+    data.chunks_exact_mut(width).for_each(<[f32]>::reverse);
+}
+
 /// Which network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackboneKind {
@@ -144,6 +184,7 @@ pub struct BackboneOptions {
     /// `None`: the kind's default layer.
     pub layer: Option<String>,
     pub pool: Pool,
+    pub tta: Tta,
 }
 
 impl Default for BackboneOptions {
@@ -154,6 +195,7 @@ impl Default for BackboneOptions {
             variant: None,
             layer: None,
             pool: Pool::Avg,
+            tta: Tta::None,
         }
     }
 }
@@ -177,6 +219,7 @@ pub struct Backbone {
     pub kind: BackboneKind,
     pub preprocess: Preprocess,
     pub pool: Pool,
+    pub tta: Tta,
     pub weights_path: PathBuf,
     pub meta: FeatureMeta,
     /// `[C, H, W]` of the layer read.
@@ -268,6 +311,7 @@ impl Backbone {
             weights_sha256: sha,
             layer: layer_name,
             pool: opts.pool.name().to_string(),
+            tta: opts.tta.name().to_string(),
             dltool_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         Ok(Self {
@@ -276,6 +320,7 @@ impl Backbone {
             kind,
             preprocess,
             pool: opts.pool,
+            tta: opts.tta,
             weights_path: path.to_path_buf(),
             meta,
             shape,
@@ -310,8 +355,27 @@ impl Backbone {
     }
 
     /// Features of `n` preprocessed images laid back to back in `pixels` (`n * input_len()`
-    /// floats, CHW each); returns `n * dim()` floats, row-major.
+    /// floats, CHW each); returns `n * dim()` floats, row-major. With [`Tta::Flip`] the
+    /// mirrored batch is a second forward call of the same size, so a row does not depend on
+    /// what else is in its batch.
     pub fn features(&self, pixels: Vec<f32>, n: usize) -> Vec<f32> {
+        match self.tta {
+            Tta::None => self.features_once(pixels, n),
+            Tta::Flip => {
+                let mut mirrored = pixels.clone();
+                mirror_rows(&mut mirrored, self.preprocess.width as usize);
+                let mut out = self.features_once(pixels, n);
+                let mut other = self.features_once(mirrored, n);
+                if self.pool == Pool::None {
+                    mirror_rows(&mut other, self.shape[2]);
+                }
+                average_into(&mut out, &other);
+                out
+            }
+        }
+    }
+
+    fn features_once(&self, pixels: Vec<f32>, n: usize) -> Vec<f32> {
         if let Net::Inception {
             fast: Some(fast),
             layer,
@@ -353,7 +417,24 @@ impl Backbone {
     /// `n * num_classes()` floats, row-major; `None` without a classifier. Independent of the
     /// layer and pooling chosen for features: the classifier reads the average pool of the
     /// last layer.
+    ///
+    /// With [`Tta::Flip`] the probabilities of the image and of its mirror are averaged (the
+    /// mean of two distributions is one; averaging logits would need the classifier's
+    /// pre-softmax output, which MobileNet's model does not expose).
     pub fn classify(&self, pixels: Vec<f32>, n: usize) -> Option<Vec<f32>> {
+        match self.tta {
+            Tta::None => self.classify_once(pixels, n),
+            Tta::Flip => {
+                let mut mirrored = pixels.clone();
+                mirror_rows(&mut mirrored, self.preprocess.width as usize);
+                let mut out = self.classify_once(pixels, n)?;
+                average_into(&mut out, &self.classify_once(mirrored, n)?);
+                Some(out)
+            }
+        }
+    }
+
+    fn classify_once(&self, pixels: Vec<f32>, n: usize) -> Option<Vec<f32>> {
         let x = self.input(pixels, n);
         let probs = match &self.net {
             Net::Inception { model, .. } => {
@@ -372,5 +453,36 @@ impl Backbone {
                 .try_into_vec::<f32>()
                 .expect("the network returns f32"),
         )
+    }
+}
+
+/// `a[i] = (a[i] + b[i]) / 2`.
+fn average_into(a: &mut [f32], b: &[f32]) {
+    debug_assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = 0.5 * (*x + *y);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_rows_reverses_each_row_only() {
+        // Two rows of width 3 (one channel, two lines): each line is reversed in place.
+        let mut x = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        mirror_rows(&mut x, 3);
+        assert_eq!(x, vec![3.0, 2.0, 1.0, 6.0, 5.0, 4.0]);
+        mirror_rows(&mut x, 3);
+        assert_eq!(x, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn tta_names_round_trip_and_unknown_is_refused() {
+        for t in [Tta::None, Tta::Flip] {
+            assert_eq!(t.name().parse::<Tta>(), Ok(t));
+        }
+        assert!("rot90".parse::<Tta>().unwrap_err().contains("none or flip"));
     }
 }

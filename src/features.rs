@@ -161,14 +161,30 @@ impl fmt::Display for Format {
 }
 
 /// Provenance written alongside features (safetensors metadata; ignored by CSV).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct FeatureMeta {
     pub backbone: String,
     pub weights_sha256: String,
     pub layer: String,
     pub pool: String,
+    /// Test-time augmentation (`none`, `flip`); files and journals written before it existed
+    /// lack the key and read as `none`, which is what they were made with.
+    pub tta: String,
     pub dltool_version: String,
+}
+
+impl Default for FeatureMeta {
+    fn default() -> Self {
+        Self {
+            backbone: String::new(),
+            weights_sha256: String::new(),
+            layer: String::new(),
+            pool: String::new(),
+            tta: crate::backbone::Tta::None.name().to_string(),
+            dltool_version: String::new(),
+        }
+    }
 }
 
 impl FeatureMeta {
@@ -190,7 +206,7 @@ impl FeatureMeta {
     }
 
     /// Inverse of [`FeatureMeta::to_map`]; unknown keys are ignored and missing
-    /// fields stay empty. `None` when the map carries none of our fields.
+    /// fields stay empty (`tta`: none). `None` when the map carries none of our fields.
     pub fn from_map(map: &HashMap<String, String>) -> Option<FeatureMeta> {
         let fields = FeatureMeta::default().to_map();
         let obj: serde_json::Map<String, serde_json::Value> = map
@@ -1570,6 +1586,23 @@ mod tests {
     }
 
     #[test]
+    fn meta_without_tta_reads_as_none() {
+        let old: HashMap<String, String> = [("backbone", "inception_v3/tf2015"), ("pool", "avg")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let meta = FeatureMeta::from_map(&old).unwrap();
+        assert_eq!(meta.tta, "none");
+        assert_eq!(meta.pool, "avg");
+        let flip = FeatureMeta {
+            tta: "flip".into(),
+            ..meta
+        };
+        let back: HashMap<String, String> = flip.to_map().into_iter().collect();
+        assert_eq!(FeatureMeta::from_map(&back).unwrap(), flip);
+    }
+
+    #[test]
     fn safetensors_round_trip_with_meta() {
         let dir = TempDir::new().unwrap();
         let p = dir.path().join("f.safetensors");
@@ -1579,6 +1612,7 @@ mod tests {
             weights_sha256: "ab".repeat(32),
             layer: "avgpool".into(),
             pool: "mean".into(),
+            tta: "flip".into(),
             dltool_version: "0.1.0".into(),
         });
         write_st(&p, &t);

@@ -386,7 +386,8 @@ impl Head {
         })
     }
 
-    /// Refuses features that came from another network, layer or pooling than the head's.
+    /// Refuses features that came from another network, layer, pooling or test-time
+    /// augmentation than the head's.
     /// `features` is `None` for files without provenance (CSV): only the width is checked.
     pub fn check_features(&self, dim: usize, features: Option<&FeatureMeta>) -> Result<(), String> {
         if dim != self.feature_dim {
@@ -402,6 +403,7 @@ impl Head {
                 ("weights sha256", &f.weights_sha256, &h.weights_sha256),
                 ("layer", &f.layer, &h.layer),
                 ("pool", &f.pool, &h.pool),
+                ("test-time augmentation", &f.tta, &h.tta),
             ];
             for (what, theirs, ours) in pairs {
                 if !theirs.is_empty() && !ours.is_empty() && theirs != ours {
@@ -553,6 +555,7 @@ mod tests {
                 weights_sha256: "ab".repeat(32),
                 layer: "mixed_7c".into(),
                 pool: "avg".into(),
+                tta: "none".into(),
                 dltool_version: env!("CARGO_PKG_VERSION").into(),
             },
             preprocess: Some(Preprocess {
@@ -615,5 +618,12 @@ mod tests {
         other.layer = "mixed_6e".into();
         let err = head.check_features(3, Some(&other)).unwrap_err();
         assert!(err.contains("layer mixed_6e"), "{err}");
+        let mut flipped = head.provenance.clone();
+        flipped.tta = "flip".into();
+        let err = head.check_features(3, Some(&flipped)).unwrap_err();
+        assert!(
+            err.contains("test-time augmentation flip, the head with none"),
+            "{err}"
+        );
     }
 }

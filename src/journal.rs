@@ -559,6 +559,7 @@ mod tests {
             weights_sha256: "00ff".into(),
             layer: "avgpool".into(),
             pool: "mean".into(),
+            tta: "none".into(),
             dltool_version: "0.1.0".into(),
         }
     }

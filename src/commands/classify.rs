@@ -3,7 +3,7 @@
 
 use super::predict::OutputFormat;
 use super::{Sink, Status};
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Tta};
 use crate::inputs;
 use crate::labels::{self, Label};
 use anyhow::{Context, bail};
@@ -39,6 +39,11 @@ pub struct Args {
     /// Class names, one per classifier output [default: next to the weights].
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
+
+    /// Test-time augmentation: flip also runs each image mirrored left-right and averages the
+    /// two probability vectors.
+    #[arg(long, default_value = "none", value_name = "none|flip")]
+    pub tta: Tta,
 
     /// Classes per image.
     #[arg(long, default_value_t = 5, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
@@ -115,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let opts = BackboneOptions {
         kind: args.backbone,
         weights: args.weights.clone(),
+        tta: args.tta,
         ..BackboneOptions::default()
     };
     let device = super::open_device(args.run.device, args.quiet)?;

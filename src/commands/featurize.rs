@@ -1,7 +1,7 @@
 //! `dltool featurize`: images in, one feature row per image out.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
 use crate::features::{
     self, CsvFeatureWriter, FeatureError, Format, ParquetFeatureWriter, Row,
     SafetensorsFeatureWriter,
@@ -84,6 +84,11 @@ pub struct Args {
     /// Spatial pooling of the layer: avg, max, or none (flatten C*H*W, channel-major).
     #[arg(long, default_value = "avg", value_name = "avg|max|none")]
     pub pool: Pool,
+
+    /// Test-time augmentation: flip also runs each image mirrored left-right and averages the
+    /// two feature vectors (twice the network time; recorded in the output's provenance).
+    #[arg(long, default_value = "none", value_name = "none|flip")]
+    pub tta: Tta,
 
     /// Reuse rows of unchanged images from OUT.journal (left by an earlier or interrupted run).
     #[arg(long)]
@@ -172,6 +177,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         variant: args.variant,
         layer: args.layer.clone(),
         pool: args.pool,
+        tta: args.tta,
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;
@@ -390,16 +396,18 @@ fn to_file(
             Err(e) => return Err(e).context(format!("{}", journal_file.display())),
         }
     }
-    let (mut journal, index) =
-        Journal::open_or_create(&journal_file, backbone.dim(), &backbone.meta).map_err(
-            |e| match e {
-                FeatureError::JournalMismatch { .. } => anyhow::anyhow!(
-                    "{e:#}; it was made with other weights, layer or pooling: run without --resume \
+    let (mut journal, index) = Journal::open_or_create(
+        &journal_file,
+        backbone.dim(),
+        &backbone.meta,
+    )
+    .map_err(|e| match e {
+        FeatureError::JournalMismatch { .. } => anyhow::anyhow!(
+            "{e:#}; it was made with other weights, layer, pooling or --tta: run without --resume \
                  to start over"
-                ),
-                other => other.into(),
-            },
-        )?;
+        ),
+        other => other.into(),
+    })?;
 
     // The journal is keyed by the file's canonical path, so `flowers/` and `./flowers` resume
     // each other; the output shows the path as the user spelled it.

@@ -1,7 +1,7 @@
 //! `dltool predict`: the whole model (backbone + head) on new images, or the head on features.
 
 use super::{Sink, Status};
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
 use crate::features::{self, FeatureMeta};
 use crate::head::Head;
 use crate::inputs;
@@ -21,8 +21,10 @@ Rows: path,prediction,probability,p_<class>... (one probability column per class
 order); with --top-k K the class columns become top1,p1,...,topK,pK. JSON lines carry the same \
 fields. Rows are written as soon as they are ready, in input order.
 
-Images go through the head's own backbone (layer, pooling, preprocessing recorded in the head); \
-weights whose SHA-256 differs from the head's are refused.")]
+Images go through the head's own backbone (layer, pooling, test-time augmentation, \
+preprocessing recorded in the head); weights whose SHA-256 differs from the head's are refused. \
+With --features, features made with another backbone, layer, pooling or --tta than the head's \
+are refused.")]
 pub struct Args {
     /// Head file written by train-head.
     #[arg(value_name = "HEAD")]
@@ -204,6 +206,10 @@ fn predict_images(
         .pool
         .parse()
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
+    let tta: Tta = p
+        .tta
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
     if let Some(w) = args.weights.as_deref().filter(|w| w.exists()) {
         let given = BackboneKind::of_weights(w);
         if given != kind {
@@ -222,6 +228,7 @@ fn predict_images(
         variant: None,
         layer: Some(p.layer.clone()),
         pool,
+        tta,
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;

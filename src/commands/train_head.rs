@@ -1,7 +1,7 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
 use crate::logistic::LogisticParams;
@@ -171,6 +171,14 @@ pub struct ProvenanceFlags {
         help_heading = "Provenance of CSV features"
     )]
     pub pool: Pool,
+    /// For CSV features: the test-time augmentation they were made with (featurize --tta).
+    #[arg(
+        long,
+        default_value = "none",
+        value_name = "none|flip",
+        help_heading = "Provenance of CSV features"
+    )]
+    pub tta: Tta,
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -227,6 +235,7 @@ pub fn provenance(
         variant: None,
         layer: flags.layer.clone(),
         pool: flags.pool,
+        tta: flags.tta,
     };
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {

@@ -147,6 +147,7 @@ pub fn feature_meta() -> FeatureMeta {
         weights_sha256: SHARED_SHA.into(),
         layer: "mixed_7c".into(),
         pool: "avg".into(),
+        tta: "none".into(),
         dltool_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
