@@ -328,58 +328,92 @@ impl Conv {
         let direct = self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0];
         let k = self.kernel[0] * self.kernel[1] * self.cin;
         let out_c = out.c;
-        split_rows(&mut out.data, out_c, tile_rows(if direct { 0 } else { k }))
-            .into_par_iter()
-            .for_each(|(r0, dst)| {
-                let m = dst.len() / out_c;
-                COLS.with(|cols| {
-                    let mut cols = cols.borrow_mut();
-                    let a_rs = if direct { x.c } else { k };
-                    let a = if direct {
-                        &x.data[r0 * x.c + x_c0..]
-                    } else {
-                        if cols.len() < m * k {
-                            cols.resize(m * k, 0.0);
-                        }
-                        self.im2col(x, x_c0, r0, m, ho, wo, &mut cols[..m * k]);
-                        &cols[..m * k]
-                    };
-                    self.gemm_tile(m, k, a, a_rs, &mut dst[out_c0..], out_c);
-                    self.epilogue_tile(dst, out_c, out_c0);
-                });
+        let rows = out.rows();
+        assert_eq!(out.data.len(), rows * out_c);
+        let cols = self.column_parts(ho * wo);
+        let items: Vec<(usize, usize, std::ops::Range<usize>)> =
+            row_tiles(rows, tile_rows(if direct { 0 } else { k }))
+                .into_iter()
+                .flat_map(|(r0, m)| cols.iter().map(move |c| (r0, m, c.clone())))
+                .collect();
+        let dst = SyncPtr(out.data.as_mut_ptr());
+        items.into_par_iter().for_each(|(r0, m, cols)| {
+            COLS.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let a_rs = if direct { x.c } else { k };
+                let a = if direct {
+                    &x.data[r0 * x.c + x_c0..]
+                } else {
+                    if scratch.len() < m * k {
+                        scratch.resize(m * k, 0.0);
+                    }
+                    self.im2col(x, x_c0, r0, m, ho, wo, &mut scratch[..m * k]);
+                    &scratch[..m * k]
+                };
+                // SAFETY: rows r0..r0 + m, channels out_c0 + cols of `out` are this item's
+                // alone (row tiles and column parts do not overlap), and lie inside it.
+                unsafe {
+                    let d = dst.get().add(r0 * out_c + out_c0);
+                    self.gemm_tile(m, k, a, a_rs, d, out_c, cols.clone());
+                    self.epilogue_tile(d, m, out_c, cols);
+                }
             });
+        });
     }
 
-    /// `dst[r * dst_rs + co] = sum_k a[r * a_rs + k] * w[k][co]` for `m` rows.
-    fn gemm_tile(
+    /// Output columns split into parts run in parallel: only on small maps (17x17 and 8x8 in
+    /// InceptionV3), which give one row tile per image, so one image alone still keeps every
+    /// core busy. Depends on the layer alone, so features do not depend on the batch.
+    fn column_parts(&self, pixels: usize) -> Vec<std::ops::Range<usize>> {
+        let parts = if pixels > 512 {
+            1
+        } else {
+            (self.cout / 96).clamp(1, 4)
+        };
+        let step = self.cout.div_ceil(parts).div_ceil(16) * 16;
+        (0..self.cout)
+            .step_by(step)
+            .map(|c| c..(c + step).min(self.cout))
+            .collect()
+    }
+
+    /// `dst[r * dst_rs + co] = sum_k a[r * a_rs + k] * w[k][co]` for `m` rows and the
+    /// columns `cols`.
+    ///
+    /// # Safety
+    /// `dst` points at `m` rows of `dst_rs` floats, columns `cols` of each writable and
+    /// written by nobody else meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_tile(
         &self,
         m: usize,
         k: usize,
         a: &[f32],
         a_rs: usize,
-        dst: &mut [f32],
+        dst: *mut f32,
         dst_rs: usize,
+        cols: std::ops::Range<usize>,
     ) {
         if m == 0 {
             return;
         }
         assert!(a.len() >= (m - 1) * a_rs + k);
-        assert!(dst.len() >= (m - 1) * dst_rs + self.cout);
-        // SAFETY: the asserts above keep every address gemm touches inside `a`, `dst` and
-        // `self.w` (k x cout); `dst` is borrowed mutably, so nothing else writes it.
+        assert!(cols.end <= self.cout && cols.end <= dst_rs);
+        // SAFETY: the assert keeps every read of `a` and of `self.w` (k x cout, columns
+        // `cols`) in bounds; the caller vouches for `dst`.
         unsafe {
             gemm::gemm(
                 m,
-                self.cout,
+                cols.len(),
                 k,
-                dst.as_mut_ptr(),
+                dst.add(cols.start),
                 1,
                 dst_rs as isize,
                 false,
                 a.as_ptr(),
                 1,
                 a_rs as isize,
-                self.w.as_ptr(),
+                self.w.as_ptr().add(cols.start),
                 1,
                 self.cout as isize,
                 0.0,
@@ -440,22 +474,50 @@ impl Conv {
         }
     }
 
-    fn epilogue_tile(&self, dst: &mut [f32], dst_rs: usize, dst_c0: usize) {
-        let all_relu = self.epilogue.iter().all(|e| *e == Epilogue::BiasRelu);
-        for row in dst.chunks_exact_mut(dst_rs) {
-            let row = &mut row[dst_c0..dst_c0 + self.cout];
+    /// Bias and ReLU (where the column's epilogue says so) on columns `cols` of `m` rows.
+    ///
+    /// # Safety
+    /// As for [`Conv::gemm_tile`].
+    unsafe fn epilogue_tile(
+        &self,
+        dst: *mut f32,
+        m: usize,
+        dst_rs: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        let bias = &self.bias[cols.clone()];
+        let epilogue = &self.epilogue[cols.clone()];
+        let all_relu = epilogue.iter().all(|e| *e == Epilogue::BiasRelu);
+        for r in 0..m {
+            // SAFETY: the caller vouches for these columns of row r.
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(dst.add(r * dst_rs + cols.start), cols.len())
+            };
             if all_relu {
-                for (v, b) in row.iter_mut().zip(&self.bias) {
+                for (v, b) in row.iter_mut().zip(bias) {
                     *v = (*v + b).max(0.0);
                 }
             } else {
-                for ((v, b), e) in row.iter_mut().zip(&self.bias).zip(&self.epilogue) {
+                for ((v, b), e) in row.iter_mut().zip(bias).zip(epilogue) {
                     if *e == Epilogue::BiasRelu {
                         *v = (*v + b).max(0.0);
                     }
                 }
             }
         }
+    }
+}
+
+/// The output's base pointer, shared by work items that write disjoint parts of it.
+struct SyncPtr(*mut f32);
+// SAFETY: only used to write regions that no two work items share (see forward_into).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Through a method, so closures capture the wrapper (Send) rather than its field.
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -469,7 +531,7 @@ thread_local! {
 /// loses 10-30%).
 ///
 /// Tiles depend on the layer alone, never on the batch size or the thread count, and
-/// [`split_rows`] never leaves a short last tile: gemm takes other code paths for tiny
+/// [`row_tiles`] never leaves a short last tile: gemm takes other code paths for tiny
 /// products (a GEMV for one row; another depth blocking at 64 x 64 and below) that round
 /// differently, and features must not depend on how images were batched.
 fn tile_rows(k: usize) -> usize {
@@ -480,19 +542,15 @@ fn tile_rows(k: usize) -> usize {
     }
 }
 
-/// `data` (rows of `row_len` floats) cut into tiles of `tile` rows, the remainder joined to the
-/// last tile when shorter than 65 rows (see [`tile_rows`]); each with its first row.
-fn split_rows(data: &mut [f32], row_len: usize, tile: usize) -> Vec<(usize, &mut [f32])> {
-    let rows = data.len() / row_len;
+/// `rows` cut into tiles of `tile` rows, the remainder joined to the last tile when shorter
+/// than 65 rows (see [`tile_rows`]): (first row, rows) of each.
+fn row_tiles(rows: usize, tile: usize) -> Vec<(usize, usize)> {
     let mut tiles = Vec::with_capacity(rows / tile + 1);
-    let mut rest = data;
     let mut r0 = 0;
     while r0 < rows {
         let left = rows - r0;
         let m = if left < tile + 65 { left } else { tile };
-        let (head, tail) = rest.split_at_mut(m * row_len);
-        tiles.push((r0, head));
-        rest = tail;
+        tiles.push((r0, m));
         r0 += m;
     }
     tiles

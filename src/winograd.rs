@@ -349,15 +349,19 @@ impl WinogradConv {
     }
 
     fn band(&self, x: &Act, x_c0: usize, b: &Band, dst: &mut [f32]) {
+        use rayon::prelude::*;
         let [ay, ax] = self.alpha;
         let [my, mx] = self.tile;
         let positions = ay * ax;
         let (cin, cout) = (self.cin, self.cout);
         let tiles = b.tys.len() * b.tiles_x;
         let row_len = b.wo * b.out_c;
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let Scratch { v, m, d, t } = &mut *s;
+        // Taken out of the thread-local rather than borrowed: while this thread waits for the
+        // parallel GEMMs below, rayon may run another band on it, which takes (or makes) its
+        // own buffers.
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        {
+            let Scratch { v, m, d, t } = &mut scratch;
             grow(v, positions * tiles * cin);
             grow(m, positions * tiles * cout);
             grow(d, positions * cin.max(cout));
@@ -377,33 +381,39 @@ impl WinogradConv {
                     transform_input(self, d, t, v, tile, tiles);
                 }
             }
-            for p in 0..positions {
-                // SAFETY: each operand lies inside its buffer: v holds positions x tiles x cin,
-                // m positions x tiles x cout and u positions x cin x cout floats.
-                unsafe {
-                    gemm::gemm(
-                        tiles,
-                        cout,
-                        cin,
-                        m[p * tiles * cout..].as_mut_ptr(),
-                        1,
-                        cout as isize,
-                        false,
-                        v[p * tiles * cin..].as_ptr(),
-                        1,
-                        cin as isize,
-                        self.u[p * cin * cout..].as_ptr(),
-                        1,
-                        cout as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            // The positions' GEMMs are independent: on the rayon pool they keep every core
+            // busy even when one image gives fewer bands than there are threads.
+            let (v, u) = (&v[..positions * tiles * cin], &self.u);
+            m[..positions * tiles * cout]
+                .par_chunks_mut(tiles * cout)
+                .enumerate()
+                .for_each(|(p, mp)| {
+                    // SAFETY: mp holds tiles x cout floats, v's plane p tiles x cin and u's
+                    // plane p cin x cout.
+                    unsafe {
+                        gemm::gemm(
+                            tiles,
+                            cout,
+                            cin,
+                            mp.as_mut_ptr(),
+                            1,
+                            cout as isize,
+                            false,
+                            v[p * tiles * cin..(p + 1) * tiles * cin].as_ptr(),
+                            1,
+                            cin as isize,
+                            u[p * cin * cout..(p + 1) * cin * cout].as_ptr(),
+                            1,
+                            cout as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
             let mut offsets = [usize::MAX; 64];
             for i in 0..b.tys.len() {
                 for tx in 0..b.tiles_x {
@@ -446,7 +456,8 @@ impl WinogradConv {
                     }
                 }
             }
-        });
+        }
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
     }
 
     /// Whether the AVX-512 transforms apply: the CPU has them and the channels come in whole
@@ -498,6 +509,7 @@ struct Band {
     wo: usize,
 }
 
+#[derive(Default)]
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,

@@ -97,6 +97,9 @@ fn conv_matches_direct_convolution_for_every_kernel_shape_inception_uses() {
         (4, 6, 1, 7, 1, [0, 3]),
         (4, 6, 7, 1, 1, [3, 0]),
         (8, 9, 3, 3, 2, [0, 0]),
+        // Wide outputs on a small map: output columns split into parts run in parallel.
+        (8, 200, 3, 3, 1, [1, 1]),
+        (12, 300, 1, 1, 1, [0, 0]),
     ];
     let (n, h, w) = (2, 11, 9);
     for (i, &(cin, cout, kh, kw, s, pad)) in cases.iter().enumerate() {
