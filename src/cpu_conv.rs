@@ -509,14 +509,14 @@ impl Conv {
 }
 
 /// The output's base pointer, shared by work items that write disjoint parts of it.
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: only used to write regions that no two work items share (see forward_into).
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
     /// Through a method, so closures capture the wrapper (Send) rather than its field.
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }

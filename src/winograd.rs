@@ -367,18 +367,42 @@ impl WinogradConv {
             grow(d, positions * cin.max(cout));
             grow(t, positions * cin.max(cout));
             let fast = self.avx512();
-            for (i, ty) in b.tys.clone().enumerate() {
-                for tx in 0..b.tiles_x {
-                    let tile = i * b.tiles_x + tx;
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: avx512() checked the CPU and the channel counts.
-                        unsafe { avx512::input(self, x, x_c0, b.img, [ty, tx], v, tile, tiles) };
-                        continue;
+            if fast {
+                // Tile rows in parallel: each writes its own rows of every position's plane.
+                let vp = crate::cpu_conv::SyncPtr(v.as_mut_ptr());
+                let v_len = positions * tiles * cin;
+                b.tys
+                    .clone()
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(i, ty)| {
+                        for tx in 0..b.tiles_x {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: avx512() checked the CPU and the channel counts; tile
+                            // i * tiles_x + tx's rows of v are written by this tile row alone.
+                            unsafe {
+                                avx512::input(
+                                    self,
+                                    x,
+                                    x_c0,
+                                    b.img,
+                                    [ty, tx],
+                                    vp.get(),
+                                    v_len,
+                                    i * b.tiles_x + tx,
+                                    tiles,
+                                )
+                            };
+                            #[cfg(not(target_arch = "x86_64"))]
+                            let _ = (i, ty, tx, &vp, v_len);
+                        }
+                    });
+            } else {
+                for (i, ty) in b.tys.clone().enumerate() {
+                    for tx in 0..b.tiles_x {
+                        self.gather(x, x_c0, b.img, ty, tx, d);
+                        transform_input(self, d, t, v, i * b.tiles_x + tx, tiles);
                     }
-                    let _ = fast;
-                    self.gather(x, x_c0, b.img, ty, tx, d);
-                    transform_input(self, d, t, v, tile, tiles);
                 }
             }
             // The positions' GEMMs are independent: on the rayon pool they keep every core
@@ -414,43 +438,51 @@ impl WinogradConv {
                         );
                     }
                 });
-            let mut offsets = [usize::MAX; 64];
-            for i in 0..b.tys.len() {
-                for tx in 0..b.tiles_x {
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        for yy in 0..my {
-                            for xx in 0..mx {
-                                let (oy, ox) = (i * my + yy, tx * mx + xx);
-                                offsets[yy * mx + xx] = if b.tys.start * my + oy < b.ho && ox < b.wo
-                                {
-                                    oy * row_len + ox * b.out_c + b.out_c0
-                                } else {
-                                    usize::MAX
-                                };
+            if fast {
+                // Tile rows in parallel, each writing its own output rows.
+                let m = &m[..positions * tiles * cout];
+                dst.par_chunks_mut(my * row_len)
+                    .enumerate()
+                    .for_each(|(i, rows)| {
+                        let mut offsets = [usize::MAX; 64];
+                        for tx in 0..b.tiles_x {
+                            for yy in 0..my {
+                                for xx in 0..mx {
+                                    let ox = tx * mx + xx;
+                                    offsets[yy * mx + xx] =
+                                        if (yy + 1) * row_len <= rows.len() && ox < b.wo {
+                                            yy * row_len + ox * b.out_c + b.out_c0
+                                        } else {
+                                            usize::MAX
+                                        };
+                                }
                             }
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: avx512() checked the CPU and the channel counts; the
+                            // offsets point at cout floats inside rows.
+                            unsafe {
+                                avx512::output(self, m, i * b.tiles_x + tx, tiles, rows, &offsets)
+                            };
                         }
-                        let tile = i * b.tiles_x + tx;
-                        // SAFETY: avx512() checked the CPU and the channel counts; the
-                        // offsets point at cout floats inside dst.
-                        unsafe { avx512::output(self, m, tile, tiles, dst, &offsets) };
-                        continue;
-                    }
-                    let _ = &mut offsets;
-                    transform_output(self, m, t, d, i * b.tiles_x + tx, tiles);
-                    // d now holds the tile's my x mx x cout outputs.
-                    for yy in 0..my {
-                        let oy = i * my + yy;
-                        if b.tys.start * my + oy >= b.ho {
-                            break;
-                        }
-                        for xx in 0..mx.min(b.wo - tx * mx) {
-                            let src = &d[(yy * mx + xx) * cout..(yy * mx + xx + 1) * cout];
-                            let o = oy * row_len + (tx * mx + xx) * b.out_c + b.out_c0;
-                            for ((o, s), bias) in
-                                dst[o..o + cout].iter_mut().zip(src).zip(&self.bias)
-                            {
-                                *o = (s + bias).max(0.0);
+                    });
+            } else {
+                for i in 0..b.tys.len() {
+                    for tx in 0..b.tiles_x {
+                        transform_output(self, m, t, d, i * b.tiles_x + tx, tiles);
+                        // d now holds the tile's my x mx x cout outputs.
+                        for yy in 0..my {
+                            let oy = i * my + yy;
+                            if b.tys.start * my + oy >= b.ho {
+                                break;
+                            }
+                            for xx in 0..mx.min(b.wo - tx * mx) {
+                                let src = &d[(yy * mx + xx) * cout..(yy * mx + xx + 1) * cout];
+                                let o = oy * row_len + (tx * mx + xx) * b.out_c + b.out_c0;
+                                for ((o, s), bias) in
+                                    dst[o..o + cout].iter_mut().zip(src).zip(&self.bias)
+                                {
+                                    *o = (s + bias).max(0.0);
+                                }
                             }
                         }
                     }
@@ -669,7 +701,8 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU has AVX-512F; `w.cin` is a multiple of 16 and `alpha_y * alpha_x <= 64`;
-    /// `x_c0 + cin <= x.c`; `v` holds `alpha_y * alpha_x * tiles * cin` floats.
+    /// `v` points at `v_len >= alpha_y * alpha_x * tiles * cin` floats, of which row `tile`
+    /// of every position's plane is written by nobody else meanwhile.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn input(
@@ -678,13 +711,14 @@ mod avx512 {
         x_c0: usize,
         img: usize,
         [ty, tx]: [usize; 2],
-        v: &mut [f32],
+        v: *mut f32,
+        v_len: usize,
         tile: usize,
         tiles: usize,
     ) {
         let [ay, ax] = w.alpha;
         let cin = w.cin;
-        assert!(v.len() >= ay * ax * tiles * cin && x_c0 + cin <= x.c);
+        assert!(v_len >= ay * ax * tiles * cin && tile < tiles && x_c0 + cin <= x.c);
         let y0 = (ty * w.tile[0]) as isize - w.pad[0] as isize;
         let x0 = (tx * w.tile[1]) as isize - w.pad[1] as isize;
         let mut d = [_mm512_setzero_ps(); 64];
@@ -712,8 +746,9 @@ mod avx512 {
             for (by, row) in w.bt[0].iter().enumerate() {
                 for bx in 0..ax {
                     let o = ((by * ax + bx) * tiles + tile) * cin + c;
-                    // SAFETY: o + 16 <= v.len() by the assert above.
-                    unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(o), dot(row, &t, ax, bx)) };
+                    // SAFETY: o + 16 <= v_len by the assert above; the caller vouches that no
+                    // one else writes this row.
+                    unsafe { _mm512_storeu_ps(v.add(o), dot(row, &t, ax, bx)) };
                 }
             }
         }
