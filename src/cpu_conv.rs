@@ -238,22 +238,10 @@ impl Conv {
             return self;
         }
         let [kh, kw] = self.kernel;
-        let (cin, cout) = (self.cin, self.cout);
-        let mut weight = vec![0.0; cout * cin * kh * kw];
-        for co in 0..cout {
-            for ci in 0..cin {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        weight[((co * cin + ci) * kh + ky) * kw + kx] =
-                            self.w[((ky * kw + kx) * cin + ci) * cout + co];
-                    }
-                }
-            }
-        }
         self.winograd = Some(Box::new(WinogradConv::new(
-            &weight,
+            &self.w,
             &self.bias,
-            [cout, cin, kh, kw],
+            [self.cout, self.cin, kh, kw],
             self.pad,
             tile,
         )));

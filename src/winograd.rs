@@ -232,8 +232,9 @@ pub struct WinogradConv {
 }
 
 impl WinogradConv {
-    /// From a weight in `[cout][cin][kh][kw]` order, its bias, and `m_y x m_x` outputs per
-    /// tile (1 along an axis where the kernel is 1). Bias and ReLU follow every output.
+    /// From a weight in the im2col order [`crate::cpu_conv::Conv`] keeps it in (`w[k][cout]`,
+    /// `k = (ky * kw + kx) * cin + ci`), its bias, and `m_y x m_x` outputs per tile (1 along an
+    /// axis where the kernel is 1). Bias and ReLU follow every output.
     pub fn new(
         weight: &[f32],
         bias: &[f32],
@@ -250,13 +251,11 @@ impl WinogradConv {
         let mut gw = vec![0.0f64; ay * kw];
         for co in 0..cout {
             for ci in 0..cin {
-                let g = &weight[(co * cin + ci) * kh * kw..(co * cin + ci + 1) * kh * kw];
+                let g = |y: usize, x: usize| weight[((y * kw + x) * cin + ci) * cout + co] as f64;
                 // G_y g, then (G_y g) G_x^T
                 for a in 0..ay {
                     for x in 0..kw {
-                        gw[a * kw + x] = (0..kh)
-                            .map(|y| ty.g[a * kh + y] * g[y * kw + x] as f64)
-                            .sum();
+                        gw[a * kw + x] = (0..kh).map(|y| ty.g[a * kh + y] * g(y, x)).sum();
                     }
                 }
                 for a in 0..ay {
