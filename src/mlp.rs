@@ -1,11 +1,12 @@
 //! Multilayer perceptron classifier head, trained with burn autodiff on the flex CPU device.
 //!
 //! This is Spark MLlib's `MultilayerPerceptronClassifier` with the usual modern fixes:
-//! inputs are standardized (MLlib feeds raw features, which makes sigmoid layers on
-//! 2048-d InceptionV3 features saturate), hidden layers default to ReLU (sigmoid is kept
-//! as an option for parity), dropout, Adam on shuffled mini-batches instead of full-batch
-//! L-BFGS, and early stopping on a stratified validation split with the best weights
-//! restored.
+//! inputs are standardized by default (robust to features of any scale, e.g. CSV from other
+//! tools; `standardize: false` feeds them raw like MLlib, which on pooled InceptionV3
+//! features is usually better, because standardizing lifts near-constant channels to the
+//! scale of informative ones), hidden layers default to ReLU (sigmoid is kept as an option
+//! for parity), dropout, Adam on shuffled mini-batches instead of full-batch L-BFGS, and
+//! early stopping on a stratified validation split with the best weights restored.
 //!
 //! The trained model is plain data ([`MlpModel`]): other modules can serialize it and
 //! predict with [`MlpModel::predict_proba`] without creating a device.
@@ -51,6 +52,9 @@ pub struct MlpParams {
     pub validation_fraction: f64,
     /// Epochs without a lower validation loss before training stops.
     pub patience: usize,
+    /// Scale each feature to zero mean and unit variance over the training rows before the
+    /// first layer; off feeds the raw features.
+    pub standardize: bool,
 }
 
 impl Default for MlpParams {
@@ -65,6 +69,7 @@ impl Default for MlpParams {
             seed: 0,
             validation_fraction: 0.1,
             patience: 10,
+            standardize: true,
         }
     }
 }
@@ -614,7 +619,13 @@ pub fn fit(
     let (train, val) = validation_split(y, c, p.validation_fraction, p.seed);
 
     // Statistics from the training rows only, so validation loss is an honest estimate.
-    let (mean, std) = standardization(x, dim, &train);
+    // Without standardization the model keeps an identity transform, so prediction needs no
+    // second code path and head files keep one layout.
+    let (mean, std) = if p.standardize {
+        standardization(x, dim, &train)
+    } else {
+        (vec![0.0; dim], vec![1.0; dim])
+    };
     let xs: Vec<f32> = x
         .chunks(dim)
         .flat_map(|row| {
@@ -988,6 +999,46 @@ mod tests {
                 assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
             }
         }
+    }
+
+    #[test]
+    fn raw_features_keep_an_identity_transform_and_change_the_fit() {
+        let (x, y) = noise(120, 6, 3, 11);
+        // Scale one feature up so standardizing it makes a difference.
+        let x: Vec<f32> = x
+            .chunks(6)
+            .flat_map(|r| {
+                r.iter()
+                    .enumerate()
+                    .map(|(j, &v)| if j == 0 { v * 50.0 } else { v })
+            })
+            .collect();
+        let params = MlpParams {
+            hidden: vec![8],
+            epochs: 5,
+            validation_fraction: 0.0,
+            ..Default::default()
+        };
+        let raw = MlpParams {
+            standardize: false,
+            ..params.clone()
+        };
+        let (m_std, _) = fit(&x, 6, &y, 3, &params, |_| {}).unwrap();
+        let (m_raw, _) = fit(&x, 6, &y, 3, &raw, |_| {}).unwrap();
+        assert!(m_std.std[0] > 10.0, "{:?}", m_std.std);
+        assert!(m_raw.mean.iter().all(|&m| m == 0.0) && m_raw.std.iter().all(|&s| s == 1.0));
+        assert_ne!(
+            m_std.predict_proba(&x, 120),
+            m_raw.predict_proba(&x, 120),
+            "standardize had no effect"
+        );
+    }
+
+    #[test]
+    fn params_without_standardize_read_as_standardized() {
+        // Heads written before the field existed were trained on standardized features.
+        let p: MlpParams = serde_json::from_str(r#"{"hidden":[4]}"#).unwrap();
+        assert!(p.standardize);
     }
 
     #[test]

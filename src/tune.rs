@@ -106,6 +106,7 @@ const MLP_KEYS: &[Key] = &[
     Key::Activation,
     Key::Patience,
     Key::ValidationFraction,
+    Key::Standardize,
 ];
 
 impl Key {
@@ -255,6 +256,7 @@ impl Setting {
             (HeadParams::Mlp(p), Key::BatchSize, Value::Count(v)) => p.batch_size = *v,
             (HeadParams::Mlp(p), Key::Activation, Value::Activation(v)) => p.activation = *v,
             (HeadParams::Mlp(p), Key::Patience, Value::Count(v)) => p.patience = *v,
+            (HeadParams::Mlp(p), Key::Standardize, Value::Flag(v)) => p.standardize = *v,
             (HeadParams::Mlp(p), Key::ValidationFraction, Value::Number(v)) => {
                 p.validation_fraction = *v
             }
@@ -908,6 +910,17 @@ mod tests {
             panic!()
         };
         assert!(p.hidden.is_empty());
+
+        let grid = parse_grid(&specs(&["standardize=true,false"]), &mlp()).unwrap();
+        let standardize: Vec<bool> = grid
+            .combinations(&mlp())
+            .iter()
+            .map(|c| match &c.params {
+                HeadParams::Mlp(p) => p.standardize,
+                _ => panic!("an mlp grid gives mlp parameters"),
+            })
+            .collect();
+        assert_eq!(standardize, [true, false]);
     }
 
     #[test]

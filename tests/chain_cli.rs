@@ -182,6 +182,38 @@ fn logistic_and_mlp_heads_train_evaluate_and_predict_features() {
         std::fs::read(&mlp).unwrap() == std::fs::read(&mlp2).unwrap(),
         "same seed, same bytes"
     );
+
+    // --no-standardize reaches the MLP: the head records it and keeps an identity transform.
+    let raw = dir.path().join("mlp-raw.safetensors");
+    ok(dltool()
+        .arg("train-head")
+        .arg(&train)
+        .arg("-o")
+        .arg(&raw)
+        .args([
+            "--head",
+            "mlp",
+            "--hidden",
+            "16",
+            "--epochs",
+            "60",
+            "--seed",
+            "1",
+            "--no-standardize",
+            "-q",
+        ]));
+    let dltool::head::HeadModel::Mlp { model, params } =
+        dltool::head::Head::load(&raw).unwrap().model
+    else {
+        panic!("an mlp head");
+    };
+    assert!(!params.standardize);
+    assert!(model.mean.iter().all(|&m| m == 0.0) && model.std.iter().all(|&s| s == 1.0));
+    let dltool::head::HeadModel::Mlp { params, .. } = dltool::head::Head::load(&mlp).unwrap().model
+    else {
+        panic!("an mlp head");
+    };
+    assert!(params.standardize, "standardized by default");
 }
 
 #[test]

@@ -9,9 +9,9 @@
 //! features, the split or the solvers fails the test. BENCHMARKS.md records the figures.
 //!
 //! With `--tta flip` (each image and its mirror, features averaged) the issue's targets are met
-//! on seed 42 by logistic heads; the MLP chosen by cross-validation on the training split stays
-//! below logistic on the test split, and the test records that figure rather than one picked
-//! on the test set.
+//! on seed 42: by logistic heads, and by the MLP that cross-validation on the training split
+//! picks (on raw features), which ties the CV-chosen logistic head on the test split. Both
+//! settings come from `dltool tune` on the training rows, not from the test set.
 
 mod common;
 
@@ -53,12 +53,23 @@ const SEED_RECIPE: [&str; 6] = [
 
 /// Splits 60/40 with seed 42, trains a head with `train_args`, returns test accuracy.
 fn accuracy(dir: &Path, features: &Path, name: &str, train_args: &[&str]) -> f64 {
+    accuracy_on_split(dir, features, 42, name, train_args)
+}
+
+/// Splits 60/40 with `seed`, trains a head with `train_args`, returns test accuracy.
+fn accuracy_on_split(
+    dir: &Path,
+    features: &Path,
+    seed: u64,
+    name: &str,
+    train_args: &[&str],
+) -> f64 {
     let train = dir.join(format!("{name}-train.safetensors"));
     let test = dir.join(format!("{name}-test.safetensors"));
     ok(dltool()
         .arg("split")
         .arg(features)
-        .args(["--fractions", "0.6,0.4", "--seed", "42", "-o"])
+        .args(["--fractions", "0.6,0.4", "--seed", &seed.to_string(), "-o"])
         .arg(&train)
         .arg("-o")
         .arg(&test));
@@ -150,8 +161,9 @@ fn flowers_heads_with_flip_tta_meet_the_issue_targets() {
         "flip five-class logistic accuracy {logistic} < 0.88"
     );
 
-    // The MLP that ranks first by the same CV (hidden 256/512, dropout 0.5/0.7, lr 0.001,
-    // early stopping or 100 full epochs): 0.870 on the test split, below logistic's 0.885.
+    // The MLP that `dltool tune --seed 1` ranks first by 5-fold CV on the same training split
+    // (grid standardize true/false, hidden 256/512, dropout 0.5/0.7, validation-fraction 0/0.1,
+    // 100 epochs): raw features, no early stopping. Measured 0.885 (logistic: 0.8925).
     let mlp_args = [
         "--head",
         "mlp",
@@ -163,10 +175,38 @@ fn flowers_heads_with_flip_tta_meet_the_issue_targets() {
         "0",
         "--epochs",
         "100",
+        "--no-standardize",
         "--seed",
         "1",
     ];
     let mlp = accuracy(d, &all, "five-flip-mlp", &mlp_args);
     eprintln!("flip, five classes, mlp (CV-chosen): test accuracy {mlp:.4}");
-    assert!(mlp >= 0.865, "flip five-class mlp accuracy {mlp} < 0.865");
+    assert!(mlp >= 0.88, "flip five-class mlp accuracy {mlp} < 0.88");
+
+    // One split decides little: both heads move by a point or more with the split, and the
+    // seed-42 logistic figure moved 0.885 -> 0.8925 when the engine's rounding changed features
+    // by ~1e-5. So the two CV-chosen settings are also compared over splits 0-9, unchanged.
+    // Measured means: mlp 0.8873, logistic 0.8870 (each better on five splits).
+    let (mut sum_mlp, mut sum_logistic) = (0.0, 0.0);
+    for seed in 0..10 {
+        let l = accuracy_on_split(d, &all, seed, &format!("flip-logistic-{seed}"), &tuned);
+        let m = accuracy_on_split(d, &all, seed, &format!("flip-mlp-{seed}"), &mlp_args);
+        eprintln!("flip, five classes, split seed {seed}: logistic {l:.4}, mlp {m:.4}");
+        sum_logistic += l;
+        sum_mlp += m;
+    }
+    let (mean_mlp, mean_logistic) = (sum_mlp / 10.0, sum_logistic / 10.0);
+    eprintln!(
+        "flip, five classes, splits 0-9: mean logistic {mean_logistic:.4}, mean mlp {mean_mlp:.4}"
+    );
+    assert!(
+        mean_logistic >= 0.88,
+        "mean logistic accuracy {mean_logistic} < 0.88"
+    );
+    assert!(mean_mlp >= 0.88, "mean mlp accuracy {mean_mlp} < 0.88");
+    // As good as logistic up to one test row in 400 on average; an MLP that falls behind fails.
+    assert!(
+        mean_mlp >= mean_logistic - 0.0025,
+        "mean mlp accuracy {mean_mlp} below mean logistic {mean_logistic}"
+    );
 }

@@ -26,6 +26,11 @@ Logistic: multinomial softmax regression minimising mean log loss + reg * (elast
 MLP: hidden layers with relu or sigmoid, softmax output, Adam, early stopping on a stratified \
 validation fraction; trained with burn on the CPU.
 
+Both heads standardize features by default (each to zero mean and unit variance over the training \
+rows). On InceptionV3 features --no-standardize is often better: standardizing lifts near-constant \
+channels to the same scale as informative ones (`dltool tune --grid standardize=true,false` \
+decides on your data).
+
 The head file records the classes, the feature dimension and where the features came from \
 (backbone, weights SHA-256, layer, pooling). Safetensors features carry that themselves; for CSV \
 features it is taken from --weights/--layer/--pool (the featurize defaults).")]
@@ -77,8 +82,8 @@ pub struct HeadFlags {
     /// Logistic: stop when the relative change of the objective is below this.
     #[arg(long, default_value_t = 1e-6, help_heading = "Logistic")]
     pub tol: f64,
-    /// Logistic: fit on raw instead of standardized features.
-    #[arg(long, help_heading = "Logistic")]
+    /// Fit on raw instead of standardized features (logistic and MLP).
+    #[arg(long)]
     pub no_standardize: bool,
     /// Logistic: no intercept terms.
     #[arg(long, help_heading = "Logistic")]
@@ -137,6 +142,7 @@ impl HeadFlags {
                 seed,
                 validation_fraction: self.validation_fraction,
                 patience: self.patience,
+                standardize: !self.no_standardize,
             }),
         }
     }

@@ -26,7 +26,7 @@ train-head saves a head.
 Grid keys are the train-head flag names. Logistic: reg, elastic-net, max-iter, tol, \
 standardize (true/false). MLP: hidden (layer sizes separated by ':', or in brackets: \
 hidden=256,256:128 or hidden=[256],[256,128]; 'none' for no hidden layer), lr, epochs, dropout, \
-batch-size, activation (relu/sigmoid), patience, validation-fraction. Parameters outside the \
+batch-size, activation (relu/sigmoid), patience, validation-fraction, standardize. Parameters outside the \
 grid take the flags' values; a grid value overrides its flag.
 
 The result depends only on the data, the grid and --seed (it seeds the folds and the MLP), not \
