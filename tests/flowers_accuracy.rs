@@ -131,7 +131,7 @@ fn flowers_heads_reach_the_spark_example_accuracy() {
 }
 
 #[test]
-fn flowers_heads_with_flip_tta_meet_the_issue_targets() {
+fn flip_tta_heads_on_seed_42_and_over_ten_splits() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let all = featurize_flowers(d, "flowers-flip.safetensors", &["--tta", "flip"]);
