@@ -67,15 +67,18 @@ impl Act {
         let len = n * h * w * c;
         let recycled = {
             let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-            // The smallest spare that is large enough, so big buffers stay for big layers.
+            // The smallest spare that is large enough, so big buffers stay for big layers. By
+            // capacity: a big buffer that last held a small activation is still big (judged by
+            // length, networks whose sizes vary a lot, like EfficientNet, kept allocating).
             let best = (0..spare.len())
-                .filter(|&i| spare[i].len() >= len)
-                .min_by_key(|&i| spare[i].len());
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity());
             best.map(|i| spare.swap_remove(i))
         };
         let data = match recycled {
             Some(mut v) => {
-                v.truncate(len);
+                // Within capacity: no allocation; only a grown tail is written.
+                v.resize(len, 0.0);
                 v
             }
             None => vec![0.0; len],

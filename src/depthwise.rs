@@ -251,7 +251,8 @@ fn row_generic<M: MulAdd, const K: usize>(
 
 /// Channels `c0..c0 + L` of output row `oy`: the block's taps and biases are loaded once,
 /// then each output pixel sums its taps inside the image (zero padding contributes nothing)
-/// in a fixed order and is stored once, epilogue applied.
+/// in a fixed order (ky, then kx) and is stored once, epilogue applied. Pixels whose window
+/// lies inside the image take a branch-free, fully unrolled path.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<M: MulAdd, const K: usize, const L: usize>(
@@ -266,37 +267,62 @@ fn block<M: MulAdd, const K: usize, const L: usize>(
 ) {
     let c = g.c;
     let mut taps = [[[0.0f32; L]; K]; K];
-    for (ky, row) in taps.iter_mut().enumerate() {
-        for (kx, tap) in row.iter_mut().enumerate() {
-            tap.copy_from_slice(&w[(ky * K + kx) * c + c0..][..L]);
+    for ky in 0..K {
+        for kx in 0..K {
+            taps[ky][kx].copy_from_slice(&w[(ky * K + kx) * c + c0..][..L]);
         }
     }
     let b: [f32; L] = bias[c0..c0 + L].try_into().expect("L biases");
     let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
     let ky_lo = (-iy0).max(0) as usize;
     let ky_hi = (g.h as isize - iy0).clamp(0, K as isize) as usize;
+    let rows_inside = ky_lo == 0 && ky_hi == K;
     assert!(src.len() >= g.h * g.w * c && dst.len() >= g.wo * c);
+    let src = src.as_ptr();
     for ox in 0..g.wo {
         let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
-        let kx_lo = (-ix0).max(0) as usize;
-        let kx_hi = (g.w as isize - ix0).clamp(0, K as isize) as usize;
         let mut acc = [0.0f32; L];
-        for (ky, tap_row) in taps.iter().enumerate().take(ky_hi).skip(ky_lo) {
-            let line = (iy0 + ky as isize) as usize * g.w;
-            for (kx, tap) in tap_row.iter().enumerate().take(kx_hi).skip(kx_lo) {
-                let p = (line + (ix0 + kx as isize) as usize) * c + c0;
-                // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges above),
-                // so p + L <= h * w * c <= src.len() (asserted).
-                let xv = unsafe { &*(src.as_ptr().add(p) as *const [f32; L]) };
-                for l in 0..L {
-                    acc[l] = M::mul_add(xv[l], tap[l], acc[l]);
+        if rows_inside && ix0 >= 0 && ix0 as usize + K <= g.w {
+            let base = (iy0 as usize * g.w + ix0 as usize) * c + c0;
+            for ky in 0..K {
+                for kx in 0..K {
+                    // SAFETY: the whole window lies inside the image, so this pixel's L
+                    // channels from c0 lie inside src (length asserted above).
+                    let xv = unsafe { &*(src.add(base + (ky * g.w + kx) * c) as *const [f32; L]) };
+                    for l in 0..L {
+                        acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
+                    }
+                }
+            }
+        } else {
+            let kx_lo = (-ix0).max(0) as usize;
+            let kx_hi = (g.w as isize - ix0).clamp(0, K as isize) as usize;
+            for ky in ky_lo..ky_hi {
+                let line = (iy0 + ky as isize) as usize * g.w;
+                for kx in kx_lo..kx_hi {
+                    let p = (line + (ix0 + kx as isize) as usize) * c + c0;
+                    // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges
+                    // above), so p + L <= h * w * c <= src.len().
+                    let xv = unsafe { &*(src.add(p) as *const [f32; L]) };
+                    for l in 0..L {
+                        acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
+                    }
                 }
             }
         }
         // SAFETY: ox < wo and c0 + L <= c, inside dst (asserted).
         let out = unsafe { &mut *(dst.as_mut_ptr().add(ox * c + c0) as *mut [f32; L]) };
-        for l in 0..L {
-            out[l] = e.apply(acc[l], b[l]);
+        match e {
+            Epilogue::BiasRelu6 => {
+                for l in 0..L {
+                    out[l] = (acc[l] + b[l]).max(0.0).min(6.0);
+                }
+            }
+            _ => {
+                for l in 0..L {
+                    out[l] = e.apply(acc[l], b[l]);
+                }
+            }
         }
     }
 }
