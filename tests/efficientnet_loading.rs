@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Golden, shared};
-use dltool::efficientnet_lite::{EfficientNetLite, LITE0, LiteLayer};
+use dltool::backbones::efficientnet_lite::{EfficientNetLite, LITE0, LiteLayer};
 use std::path::Path;
 
 const LITE0_PTH: &str = "weights/efficientnet_lite0/efficientnet-lite0-57934424.pth";

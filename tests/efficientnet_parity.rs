@@ -1,11 +1,11 @@
 //! EfficientNet-Lite0/Lite2 on the CPU engine against the PyTorch reference (the wheel's model
-//! code, float32, eval mode) at every golden stage, the whole pipeline against reference
-//! features of 20 flowers, and the ImageNet classifier on the golden daisy.
+//! code, float32, eval mode) at every golden stage, and the ImageNet classifier on the golden
+//! daisy. The whole pipeline (decode, resize, network) is tests/efficientnet_cli.rs.
 
 mod common;
 
-use common::{Golden, max_abs_diff, shared, shared_dir};
-use dltool::efficientnet_lite::{EfficientNetLite, LITE0, LITE2, LiteLayer, LiteSpec};
+use common::{Golden, max_abs_diff, shared};
+use dltool::backbones::efficientnet_lite::{EfficientNetLite, LITE0, LITE2, LiteLayer, LiteSpec};
 
 /// ImageNet index of `daisy` (n11939491), the first golden image's true class.
 const DAISY: usize = 985;
@@ -142,56 +142,4 @@ fn features_do_not_depend_on_batch_or_threads() {
             );
         }
     }
-}
-
-/// dltool's own decode and resize of 20 flowers, then the network: cosine >= 0.999 against
-/// the reference features (PIL resize, PyTorch network).
-#[test]
-fn pipeline_features_match_reference_features_of_20_flowers() {
-    for spec in [&LITE0, &LITE2] {
-        let net = load(spec);
-        let golden = Golden::open(&format!("golden/{}/pipeline.safetensors", spec.name));
-        let images: Vec<String> = golden
-            .metadata("images")
-            .split(',')
-            .map(str::to_string)
-            .collect();
-        assert_eq!(images.len(), 20);
-        let (shape, reference) = golden.tensor("features");
-        assert_eq!(shape, vec![20, 1280]);
-        let pre = spec.preprocess();
-        let mut pixels = Vec::new();
-        for rel in &images {
-            let path = shared_dir().join("flowers").join(rel);
-            pixels.extend(
-                dltool::image_io::load_for_network(&path, &pre, u64::MAX)
-                    .unwrap_or_else(|e| panic!("{rel}: {e}")),
-            );
-        }
-        let features = net.forward_act(&pixels, 20, LiteLayer::Head).global_avg();
-        let mut worst = 1.0f64;
-        for (i, rel) in images.iter().enumerate() {
-            let cos = cosine(
-                &features[i * 1280..(i + 1) * 1280],
-                &reference[i * 1280..(i + 1) * 1280],
-            );
-            worst = worst.min(cos);
-            if cos < 0.999 {
-                eprintln!("{} {rel}: cosine {cos:.6}", spec.name);
-            }
-        }
-        eprintln!("{}: worst cosine of 20 flowers {worst:.6}", spec.name);
-        assert!(
-            worst >= 0.999,
-            "{}: worst cosine {worst} < 0.999",
-            spec.name
-        );
-    }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }

@@ -11,11 +11,11 @@
 //! file is then checked against it (by name and shape).
 //!
 //! Per block: the 1x1 expansion is a GEMM with a ReLU6 epilogue, the depthwise convolution is
-//! [`crate::depthwise`], the 1x1 projection is a GEMM whose epilogue adds the bias and, when
+//! [`crate::engine::depthwise`], the 1x1 projection is a GEMM whose epilogue adds the bias and, when
 //! the block keeps its size, the block's input.
 
-use crate::cpu_conv::{Act, Conv, Epilogue};
-use crate::depthwise::DepthwiseConv;
+use crate::engine::cpu_conv::{Act, Conv, Epilogue};
+use crate::engine::depthwise::DepthwiseConv;
 use crate::image_io::Preprocess;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -235,7 +235,7 @@ struct Tensor {
 /// Every tensor of a `.pth` (zip or legacy pickle) or safetensors file; f16, bf16 and f64
 /// become f32, integer tensors (BatchNorm's `num_batches_tracked`) are kept by shape only.
 fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, LoadError> {
-    use crate::inception_v3::{WeightFormat, detect_format};
+    use crate::backbones::inception_v3::{WeightFormat, detect_format};
     let err = |message: String| LoadError::Read {
         path: path.display().to_string(),
         message,
@@ -393,6 +393,12 @@ impl Tensors {
         }
         if t.values.len() != shape.iter().product::<usize>() {
             return Err(problem("not a floating-point tensor".to_string()));
+        }
+        if let Some(v) = t.values.iter().find(|v| !v.is_finite()) {
+            return Err(problem(format!(
+                "holds {}: refusing weights that are not finite",
+                if v.is_nan() { "NaN" } else { "an infinity" }
+            )));
         }
         Ok(t.values)
     }
@@ -669,6 +675,147 @@ impl EfficientNetLite {
             logits,
             probs,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The seam: one row of `crate::backbones::NETWORKS` per size.
+
+use crate::backbones::{LayerShape, LayerSpec, Network, Pool, Spec, weight_file::WeightIndex};
+
+/// True when `index` holds this size's tensors: the lukemelas names, no squeeze-and-excitation,
+/// and this size's block count (Lite0 16, Lite2 21).
+fn recognises(index: &WeightIndex, spec: &LiteSpec) -> bool {
+    if !index.has("_conv_stem.weight") || index.any_contains("._se_reduce.") {
+        return false;
+    }
+    let blocks = spec.blocks().len();
+    index.has(&format!("_blocks.{}._project_conv.weight", blocks - 1))
+        && !index.has(&format!("_blocks.{blocks}._project_conv.weight"))
+}
+
+const fn layer(name: &'static str, shape: [usize; 3]) -> LayerSpec {
+    LayerSpec {
+        name,
+        shape: Some(shape),
+    }
+}
+
+pub static LITE0_SPEC: Spec = Spec {
+    name: "efficientnet_lite0",
+    title: "EfficientNet-Lite0",
+    help: "EfficientNet-Lite0 (ImageNet, 224x224, 4.7M parameters; CPU engine only)",
+    input: [224, 224],
+    preprocess: |variant| (variant == "224").then(|| LITE0.preprocess()),
+    layers: &[
+        layer("block0", [16, 112, 112]),
+        layer("block2", [24, 56, 56]),
+        layer("block4", [40, 28, 28]),
+        layer("block7", [80, 14, 14]),
+        layer("block10", [112, 14, 14]),
+        layer("block14", [192, 7, 7]),
+        layer("block15", [320, 7, 7]),
+        layer("head", [1280, 7, 7]),
+    ],
+    default_layer: "head",
+    variants: &[],
+    recognise: |index| recognises(index, &LITE0),
+    files: &["efficientnet-lite0-57934424.pth"],
+    registry_entry: "efficientnet_lite0",
+    gpu: false,
+    load: |path, opts| load_network(path, opts, &LITE0),
+};
+
+pub static LITE2_SPEC: Spec = Spec {
+    name: "efficientnet_lite2",
+    title: "EfficientNet-Lite2",
+    help: "EfficientNet-Lite2 (ImageNet, 260x260, 6.1M parameters; CPU engine only)",
+    input: [260, 260],
+    preprocess: |variant| (variant == "260").then(|| LITE2.preprocess()),
+    layers: &[
+        layer("block0", [16, 130, 130]),
+        layer("block3", [24, 65, 65]),
+        layer("block6", [48, 33, 33]),
+        layer("block10", [88, 17, 17]),
+        layer("block14", [120, 17, 17]),
+        layer("block19", [208, 9, 9]),
+        layer("block20", [352, 9, 9]),
+        layer("head", [1280, 9, 9]),
+    ],
+    default_layer: "head",
+    variants: &[],
+    recognise: |index| recognises(index, &LITE2),
+    files: &["efficientnet-lite2-9656183e.pth"],
+    registry_entry: "efficientnet_lite2",
+    gpu: false,
+    load: |path, opts| load_network(path, opts, &LITE2),
+};
+
+fn load_network(
+    path: &Path,
+    opts: &crate::backbones::LoadOptions,
+    spec: &'static LiteSpec,
+) -> Result<Box<dyn Network>, crate::backbones::LoadError> {
+    let table = table_row(spec);
+    if opts.variant.is_some() {
+        return Err(crate::backbones::LoadError::NoVariant {
+            path: path.display().to_string(),
+            network: table.title,
+        });
+    }
+    Ok(Box::new(EfficientNetLite::load(path, Some(spec.name))?))
+}
+
+fn table_row(spec: &LiteSpec) -> &'static Spec {
+    if spec == &LITE0 {
+        &LITE0_SPEC
+    } else {
+        &LITE2_SPEC
+    }
+}
+
+impl Network for EfficientNetLite {
+    fn spec(&self) -> &'static Spec {
+        table_row(self.spec)
+    }
+
+    /// `efficientnet_lite0/224`: the size's name, then its input side.
+    fn provenance(&self) -> String {
+        format!("{}/{}", self.spec.name, self.spec.size)
+    }
+
+    fn preprocess(&self) -> crate::image_io::Preprocess {
+        self.spec.preprocess()
+    }
+
+    fn layers(&self) -> Vec<String> {
+        self.spec.layer_names()
+    }
+
+    fn layer_shape(&self, layer: &str) -> Option<LayerShape> {
+        let layer = self.spec.layer(layer).ok()?;
+        Some(LayerShape::Map(self.spec.layer_shape(layer)))
+    }
+
+    fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
+        let layer = self
+            .spec
+            .layer(layer)
+            .unwrap_or_else(|e| panic!("features of an unchecked layer: {e}"));
+        let act = self.forward_act(pixels, n, layer);
+        match pool {
+            Pool::Avg => act.global_avg(),
+            Pool::Max => act.global_max(),
+            Pool::None => act.to_nchw(),
+        }
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.has_classifier().then_some(1000)
+    }
+
+    fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
+        EfficientNetLite::classify(self, pixels, n)
     }
 }
 

@@ -11,46 +11,14 @@
 //! pixel is one or two vector registers; the taps of a channel block are hoisted into a local
 //! array before the row's pixels are swept. The same generic code is compiled three times:
 //! portable (whatever the build target allows, mul then add), AVX2+FMA and AVX-512 (fused
-//! multiply-add), picked once at run time. The paths differ only in FMA rounding; each is
+//! multiply-add), picked by the engine's one dispatch ([`cpu::simd`], `DLTOOL_SIMD`). The
+//! paths differ only in FMA rounding; each is
 //! deterministic and computes every output from its own pixel's taps in a fixed order, so
 //! results never depend on the batch size or the thread count.
 
-use crate::cpu_conv::{Act, Epilogue, same_padding};
+use crate::engine::cpu::{self, Simd};
+use crate::engine::cpu_conv::{Act, Epilogue, same_padding};
 use rayon::prelude::*;
-
-/// Instruction sets the kernel has a compiled path for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// No run-time feature: the build target's own vector width, separate multiply and add.
-    Portable,
-    /// AVX2 with fused multiply-add.
-    Avx2,
-    /// AVX-512F (16 lanes) with fused multiply-add.
-    Avx512,
-}
-
-impl Isa {
-    /// The widest path this CPU runs.
-    pub fn detect() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find(|i| i.available())
-            .unwrap_or(Isa::Portable)
-    }
-
-    /// Whether this CPU has the features the path needs.
-    pub fn available(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-}
 
 /// A depthwise convolution with its weights packed per tap: `w[ky][kx][c]`, BatchNorm folded.
 #[derive(Debug, Clone)]
@@ -61,7 +29,8 @@ pub struct DepthwiseConv {
     w: Vec<f32>,
     bias: Vec<f32>,
     epilogue: Epilogue,
-    isa: Isa,
+    /// A path forced for this convolution alone (tests); `None`: [`cpu::simd`].
+    simd: Option<Simd>,
 }
 
 impl DepthwiseConv {
@@ -96,14 +65,14 @@ impl DepthwiseConv {
             w,
             bias: bias.to_vec(),
             epilogue,
-            isa: Isa::detect(),
+            simd: None,
         }
     }
 
     /// The same convolution computed by another path (tests compare them).
-    pub fn with_isa(mut self, isa: Isa) -> Self {
-        assert!(isa.available(), "{isa:?} is not available on this CPU");
-        self.isa = isa;
+    pub fn with_simd(mut self, simd: Simd) -> Self {
+        assert!(simd.available(), "{simd:?} is not available on this CPU");
+        self.simd = Some(simd);
         self
     }
 
@@ -142,16 +111,16 @@ impl DepthwiseConv {
     /// One output row, through the chosen path.
     fn row(&self, g: &Geometry, src: &[f32], oy: usize, dst: &mut [f32]) {
         let (w, b, e) = (&self.w[..], &self.bias[..], self.epilogue);
-        match (self.isa, self.kernel) {
+        match (self.simd.unwrap_or_else(cpu::simd), self.kernel) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `with_isa`/`detect` checked that the CPU has these features.
-            (Isa::Avx512, 3) => unsafe { row_avx512::<3>(g, src, w, b, e, oy, dst) },
+            // SAFETY: `cpu::simd` and `with_simd` only give paths the CPU has.
+            (Simd::Avx512, 3) => unsafe { row_avx512::<3>(g, src, w, b, e, oy, dst) },
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, _) => unsafe { row_avx512::<5>(g, src, w, b, e, oy, dst) },
+            (Simd::Avx512, _) => unsafe { row_avx512::<5>(g, src, w, b, e, oy, dst) },
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, 3) => unsafe { row_avx2::<3>(g, src, w, b, e, oy, dst) },
+            (Simd::Avx2, 3) => unsafe { row_avx2::<3>(g, src, w, b, e, oy, dst) },
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => unsafe { row_avx2::<5>(g, src, w, b, e, oy, dst) },
+            (Simd::Avx2, _) => unsafe { row_avx2::<5>(g, src, w, b, e, oy, dst) },
             (_, 3) => row_generic::<Plain, 3>(g, src, w, b, e, oy, dst),
             _ => row_generic::<Plain, 5>(g, src, w, b, e, oy, dst),
         }
@@ -385,12 +354,9 @@ mod tests {
     /// the definition. Says which paths this CPU could check.
     #[test]
     fn every_path_matches_the_definition() {
-        let paths: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.available())
-            .collect();
+        let paths = Simd::available_paths();
         eprintln!("depthwise paths checked on this CPU: {paths:?}");
-        assert!(paths.contains(&Isa::Portable));
+        assert!(paths.contains(&Simd::Scalar));
         for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
             // 40 = 16 + 16 + 8; 27 = 16 + 8 + 3 single channels.
             for (h, w, c) in [(9, 8, 40), (8, 11, 27), (2, 3, 16), (1, 1, 8)] {
@@ -408,7 +374,7 @@ mod tests {
                         data: x.clone(),
                     };
                     for &isa in &paths {
-                        let conv = DepthwiseConv::new(&wt, &b, c, k, s, e).with_isa(isa);
+                        let conv = DepthwiseConv::new(&wt, &b, c, k, s, e).with_simd(isa);
                         let got = conv.forward(&xa);
                         assert_eq!(
                             (got.h, got.w),
