@@ -39,7 +39,11 @@ fn featurize_matches_reference_features_of_20_flowers() {
         if let Some(b) = backbone {
             cmd.args(["--backbone", b]);
         }
-        ok(cmd.arg("--weights").arg(shared(weights)).arg("-o").arg(&out));
+        ok(cmd
+            .arg("--weights")
+            .arg(shared(weights))
+            .arg("-o")
+            .arg(&out));
         let table = dltool::features::read_features(&out).unwrap();
         assert_eq!((table.len(), table.dim), (20, 1280));
         let meta = table.meta.clone().unwrap();
@@ -60,16 +64,31 @@ fn featurize_matches_reference_features_of_20_flowers() {
 #[test]
 fn classify_names_the_daisy_of_the_golden() {
     let golden = Golden::open("golden/efficientnet_lite2/net.safetensors");
-    let daisy = golden.metadata("images").split(',').next().unwrap().to_string();
+    let daisy = golden
+        .metadata("images")
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
     assert!(daisy.starts_with("daisy/"));
     let text = ok(dltool()
-        .args(["classify", "--top-k", "3", "--backbone", "efficientnet_lite2"])
+        .args([
+            "classify",
+            "--top-k",
+            "3",
+            "--backbone",
+            "efficientnet_lite2",
+        ])
         .arg("--weights")
         .arg(shared(LITE2))
         .arg("--labels")
         .arg(shared(LABELS))
         .arg(shared(&format!("flowers/{daisy}"))));
-    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
     assert_eq!(rows.len(), 3, "{text}");
     assert_eq!(&rows[0][1..4], ["1", "n11939491", "daisy"], "{text}");
 }
@@ -146,7 +165,10 @@ fn lite0_runs_the_whole_chain() {
         .arg(images.join("tulips")));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("EfficientNet-Lite2") || err.contains("efficientnet_lite2"), "{err}");
+    assert!(
+        err.contains("EfficientNet-Lite2") || err.contains("efficientnet_lite2"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
