@@ -9,6 +9,7 @@
 //! A network that runs only on the CPU engine (no burn model) sets `gpu: false`; asking for it
 //! on a GPU is then one line of error instead of a silent fallback.
 
+pub mod efficientnet_lite;
 pub mod inception_v3;
 pub mod mobilenet_v1;
 pub mod weight_file;
@@ -103,6 +104,8 @@ pub enum LoadError {
     InceptionV3(#[from] inception_v3::LoadError),
     #[error(transparent)]
     MobileNetV1(#[from] mobilenet_v1::LoadError),
+    #[error(transparent)]
+    EfficientNetLite(#[from] efficientnet_lite::LoadError),
     /// A network's own loader error, for networks added without a variant here.
     #[error("{0}")]
     Other(String),
@@ -167,7 +170,12 @@ impl std::fmt::Debug for Spec {
 }
 
 /// Every network, the default first. Adding a network: its module, and a row here.
-pub static NETWORKS: &[&Spec] = &[&inception_v3::SPEC, &mobilenet_v1::SPEC];
+pub static NETWORKS: &[&Spec] = &[
+    &inception_v3::SPEC,
+    &mobilenet_v1::SPEC,
+    &efficientnet_lite::LITE0_SPEC,
+    &efficientnet_lite::LITE2_SPEC,
+];
 
 /// The default network (InceptionV3).
 pub fn default_spec() -> &'static Spec {

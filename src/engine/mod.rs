@@ -6,4 +6,5 @@
 
 pub mod cpu;
 pub mod cpu_conv;
+pub mod depthwise;
 pub mod winograd;
