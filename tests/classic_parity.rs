@@ -8,8 +8,8 @@
 //!   temporary safetensors file: they load and run one 224x224 image.
 
 use dltool::backbone::Pool;
-use dltool::resnet::{self, ResNet};
-use dltool::vgg::{self, Vgg};
+use dltool::backbones::resnet::{self, ResNet};
+use dltool::backbones::vgg::{self, Vgg};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -9,10 +9,14 @@
 //! `classifier.3` (fc7) + ReLU, `classifier.6` (the logits); the dropouts are inactive at
 //! inference.
 
-use crate::backbone::Pool;
-use crate::cpu_conv::{Act, Conv};
-use crate::cpu_ops::{self, Linear};
-use crate::state_dict::{StateDict, StateDictError, fold_batchnorm};
+use crate::backbones::state_dict::{StateDict, StateDictError, fold_batchnorm};
+use crate::backbones::weight_file::Container;
+use crate::backbones::{
+    LayerShape, LayerSpec, LoadError, LoadOptions, Network, Pool, Spec, WeightIndex, torchvision,
+};
+use crate::engine::cpu_conv::{Act, Conv};
+use crate::engine::cpu_ops::{self, Linear};
+use crate::image_io::Preprocess;
 use std::path::Path;
 
 const BN_EPS: f32 = 1e-5;
@@ -283,5 +287,153 @@ impl Vgg {
             fc7,
             logits,
         }
+    }
+}
+
+/// Layers of the table rows, shapes at 224x224.
+const SPEC_LAYERS: &[LayerSpec] = &[
+    LayerSpec {
+        name: "block1",
+        shape: Some([64, 112, 112]),
+    },
+    LayerSpec {
+        name: "block2",
+        shape: Some([128, 56, 56]),
+    },
+    LayerSpec {
+        name: "block3",
+        shape: Some([256, 28, 28]),
+    },
+    LayerSpec {
+        name: "block4",
+        shape: Some([512, 14, 14]),
+    },
+    LayerSpec {
+        name: "block5",
+        shape: Some([512, 7, 7]),
+    },
+    LayerSpec {
+        name: "fc6",
+        shape: Some([4096, 1, 1]),
+    },
+    LayerSpec {
+        name: "fc7",
+        shape: Some([4096, 1, 1]),
+    },
+];
+
+/// `--backbone vgg16`.
+pub static VGG16_SPEC: Spec = Spec {
+    name: "vgg16",
+    title: "VGG16",
+    help: "VGG16 (torchvision's ImageNet weights), 224x224, CPU engine",
+    input: [224, 224],
+    preprocess: torchvision::preprocess_of,
+    layers: SPEC_LAYERS,
+    default_layer: "fc7",
+    variants: &[],
+    recognise: |index| convolutions(index) == Some(VGG16_BLOCKS.iter().sum()),
+    files: &["vgg16-397923af.pth", "vgg16.safetensors"],
+    registry_entry: "vgg16_imagenet1k_v1",
+    gpu: false,
+    load: |path, opts| load_network(path, opts, &VGG16_SPEC, VGG16_BLOCKS),
+};
+
+/// `--backbone vgg19`.
+pub static VGG19_SPEC: Spec = Spec {
+    name: "vgg19",
+    title: "VGG19",
+    help: "VGG19 (torchvision's ImageNet weights), 224x224, CPU engine",
+    input: [224, 224],
+    preprocess: torchvision::preprocess_of,
+    layers: SPEC_LAYERS,
+    default_layer: "fc7",
+    variants: &[],
+    recognise: |index| convolutions(index) == Some(VGG19_BLOCKS.iter().sum()),
+    files: &["vgg19-dcbb9e9d.pth", "vgg19.safetensors"],
+    registry_entry: "vgg19_imagenet1k_v1",
+    gpu: false,
+    load: |path, opts| load_network(path, opts, &VGG19_SPEC, VGG19_BLOCKS),
+};
+
+/// The number of convolutions of a torchvision VGG state dict (`features.N.weight` of the
+/// convolutions, not of BatchNorms), `None` when the names are not a VGG's.
+fn convolutions(index: &WeightIndex) -> Option<usize> {
+    if !matches!(index.container, Container::Safetensors | Container::Pytorch)
+        || !index.has("features.0.weight")
+        || index.any_contains("layer1.")
+    {
+        return None;
+    }
+    let count = index
+        .names
+        .iter()
+        .filter_map(|n| n.strip_prefix("features.")?.strip_suffix(".weight"))
+        .filter(|i| !index.has(&format!("features.{i}.running_var")))
+        .count();
+    Some(count)
+}
+
+fn load_network(
+    path: &Path,
+    opts: &LoadOptions,
+    spec: &'static Spec,
+    blocks: [usize; 5],
+) -> Result<Box<dyn Network>, LoadError> {
+    if opts.variant.is_some() {
+        return Err(LoadError::NoVariant {
+            path: path.display().to_string(),
+            network: spec.title,
+        });
+    }
+    Ok(Box::new(VggNet {
+        net: Vgg::load(path, spec.title, blocks)?,
+        spec,
+    }))
+}
+
+/// A loaded VGG as the rest of dltool sees it.
+pub struct VggNet {
+    pub net: Vgg,
+    spec: &'static Spec,
+}
+
+impl Network for VggNet {
+    fn spec(&self) -> &'static Spec {
+        self.spec
+    }
+
+    fn provenance(&self) -> String {
+        format!("{}/{}", self.spec.name, torchvision::PROVENANCE)
+    }
+
+    fn preprocess(&self) -> Preprocess {
+        torchvision::preprocess()
+    }
+
+    fn layers(&self) -> Vec<String> {
+        self.net.layers().iter().map(|l| l.to_string()).collect()
+    }
+
+    fn layer_shape(&self, layer: &str) -> Option<LayerShape> {
+        let [h, w] = self.spec.input;
+        let shape = self.net.layer_shape(layer, h, w)?;
+        Some(if layer.starts_with("fc") {
+            LayerShape::Flat(shape[0])
+        } else {
+            LayerShape::Map(shape)
+        })
+    }
+
+    fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
+        self.net.features(pixels, n, self.spec.input, layer, pool)
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.net.num_classes()
+    }
+
+    fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
+        self.net.classify(pixels, n, self.spec.input)
     }
 }

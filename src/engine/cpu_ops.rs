@@ -2,7 +2,7 @@
 //! of any size, stride and padding, the residual join, the adaptive average pool in front of
 //! VGG's classifier, and fully connected layers. None of them knows a network.
 
-use crate::cpu_conv::{Act, SyncPtr};
+use crate::engine::cpu_conv::{Act, SyncPtr};
 use rayon::prelude::*;
 
 /// `f` applied to `n` NCHW images of `[c, h, w]`, `chunk` images at a time, the results

@@ -9,10 +9,14 @@
 //! convolution before it at load. Depth (blocks per stage), widths and class count come from
 //! the file's tensor shapes, so reduced test networks load through the same code.
 
-use crate::backbone::Pool;
-use crate::cpu_conv::{Act, Conv, Epilogue};
-use crate::cpu_ops::{self, Linear};
-use crate::state_dict::{StateDict, StateDictError, fold_batchnorm};
+use crate::backbones::state_dict::{StateDict, StateDictError, fold_batchnorm};
+use crate::backbones::weight_file::Container;
+use crate::backbones::{
+    LayerShape, LayerSpec, LoadError, LoadOptions, Network, Pool, Spec, WeightIndex, torchvision,
+};
+use crate::engine::cpu_conv::{Act, Conv, Epilogue};
+use crate::engine::cpu_ops::{self, Linear};
+use crate::image_io::Preprocess;
 use std::path::Path;
 
 /// torchvision's BatchNorm2d default.
@@ -300,5 +304,104 @@ impl ResNet {
             pool,
             logits,
         }
+    }
+}
+
+/// `--backbone resnet50`: torchvision's ResNet50 (any Bottleneck ResNet loads through it).
+pub static SPEC: Spec = Spec {
+    name: "resnet50",
+    title: "ResNet50",
+    help: "ResNet50 (torchvision's ImageNet weights), 224x224, CPU engine",
+    input: [224, 224],
+    preprocess: torchvision::preprocess_of,
+    layers: &[
+        LayerSpec {
+            name: "layer1",
+            shape: Some([256, 56, 56]),
+        },
+        LayerSpec {
+            name: "layer2",
+            shape: Some([512, 28, 28]),
+        },
+        LayerSpec {
+            name: "layer3",
+            shape: Some([1024, 14, 14]),
+        },
+        LayerSpec {
+            name: "layer4",
+            shape: Some([2048, 7, 7]),
+        },
+        LayerSpec {
+            name: "pool",
+            shape: Some([2048, 1, 1]),
+        },
+    ],
+    default_layer: "pool",
+    variants: &[],
+    recognise,
+    files: &["resnet50-0676ba61.pth", "resnet50.safetensors"],
+    registry_entry: "resnet50_imagenet1k_v1",
+    gpu: false,
+    load: load_network,
+};
+
+/// torchvision's Bottleneck ResNet names: a stem conv and projected stages with a third conv.
+fn recognise(index: &WeightIndex) -> bool {
+    matches!(index.container, Container::Safetensors | Container::Pytorch)
+        && index.has("conv1.weight")
+        && index.has("layer1.0.conv3.weight")
+        && index.has("layer4.0.downsample.0.weight")
+}
+
+fn load_network(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Network>, LoadError> {
+    if opts.variant.is_some() {
+        return Err(LoadError::NoVariant {
+            path: path.display().to_string(),
+            network: SPEC.title,
+        });
+    }
+    Ok(Box::new(ResNetNet(ResNet::load(path)?)))
+}
+
+/// A loaded ResNet as the rest of dltool sees it.
+pub struct ResNetNet(pub ResNet);
+
+impl Network for ResNetNet {
+    fn spec(&self) -> &'static Spec {
+        &SPEC
+    }
+
+    fn provenance(&self) -> String {
+        format!("{}/{}", SPEC.name, torchvision::PROVENANCE)
+    }
+
+    fn preprocess(&self) -> Preprocess {
+        torchvision::preprocess()
+    }
+
+    fn layers(&self) -> Vec<String> {
+        LAYERS.iter().map(|l| l.to_string()).collect()
+    }
+
+    fn layer_shape(&self, layer: &str) -> Option<LayerShape> {
+        let [h, w] = SPEC.input;
+        let shape = self.0.layer_shape(layer, h, w)?;
+        Some(if layer == "pool" {
+            LayerShape::Flat(shape[0])
+        } else {
+            LayerShape::Map(shape)
+        })
+    }
+
+    fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
+        self.0.features(pixels, n, SPEC.input, layer, pool)
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.0.num_classes()
+    }
+
+    fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
+        self.0.classify(pixels, n, SPEC.input)
     }
 }

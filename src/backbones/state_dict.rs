@@ -75,12 +75,12 @@ impl StateDict {
             path: shown.clone(),
             message,
         };
-        let format = crate::inception_v3::detect_format(path).map_err(read_err)?;
+        let format = crate::backbones::inception_v3::detect_format(path).map_err(read_err)?;
         let mut store = match format {
-            crate::inception_v3::WeightFormat::Safetensors => {
+            crate::backbones::inception_v3::WeightFormat::Safetensors => {
                 Store::Safetensors(Box::new(SafetensorsStore::from_file(path)))
             }
-            crate::inception_v3::WeightFormat::Pytorch => {
+            crate::backbones::inception_v3::WeightFormat::Pytorch => {
                 Store::Pytorch(Box::new(PytorchStore::from_file(path)))
             }
         };
