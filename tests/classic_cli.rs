@@ -231,3 +231,48 @@ fn wrong_network_files_and_layers_are_one_line_each() {
         "{err}"
     );
 }
+
+#[test]
+fn featurize_preprocesses_as_torchvision_and_runs_the_library_network() {
+    use dltool::backbones::{resnet::ResNet, torchvision};
+    use dltool::image_io::{self, Resize};
+    let dir = tempfile::tempdir().unwrap();
+    let weights = fixture("resnet_tiny.safetensors");
+    // A landscape photo: a centre crop and a squash give different pixels.
+    let photo = common::flowers("daisy", 1).remove(0);
+    let img = image_io::decode_rgb8(&photo, image_io::DEFAULT_MAX_PIXELS).unwrap();
+    assert_ne!(img.width(), img.height(), "{}", photo.display());
+    let out = dir.path().join("f.safetensors");
+    ok(dltool()
+        .args(["featurize", "-q", "--weights"])
+        .arg(&weights)
+        .arg(&photo)
+        .arg("-o")
+        .arg(&out));
+    let cli = read(&out).data;
+
+    let pre = torchvision::preprocess();
+    assert_eq!(
+        (pre.width, pre.height, pre.resize),
+        (224, 224, Resize::Crop)
+    );
+    let net = ResNet::load(&weights).unwrap();
+    let run = |pre: &image_io::Preprocess| {
+        let pixels = image_io::preprocess_rgb8(&img, pre).unwrap();
+        net.features(&pixels, 1, [224, 224], "pool", dltool::backbone::Pool::Avg)
+    };
+    let lib = run(&pre);
+    let scale = lib.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&cli, &lib) <= 1e-5 * scale,
+        "CLI and library features differ"
+    );
+    let squashed = run(&image_io::Preprocess {
+        resize: Resize::Stretch,
+        ..pre
+    });
+    assert!(
+        max_diff(&cli, &squashed) > 1e-3 * scale,
+        "the crop made no difference"
+    );
+}
