@@ -304,3 +304,53 @@ fn full_size_vgg16_state_dict_loads_and_runs_one_image() {
 fn full_size_vgg19_state_dict_loads_and_runs_one_image() {
     full_size_vgg("vgg19", vgg::VGG19_BLOCKS);
 }
+
+/// The fixture's tensors rewritten in `dtype` (f16 or bf16) into `path`.
+fn rewrite_half(src: &Path, path: &Path, dtype: safetensors::Dtype) {
+    let tensors = read_ref(src);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, (shape, data))| {
+            let b = data
+                .iter()
+                .flat_map(|v| match dtype {
+                    safetensors::Dtype::F16 => half::f16::from_f32(*v).to_le_bytes(),
+                    _ => half::bf16::from_f32(*v).to_le_bytes(),
+                })
+                .collect();
+            (name, shape, b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+#[test]
+fn half_precision_state_dicts_load_as_f32() {
+    let src = fixture("resnet_tiny.safetensors");
+    let r = read_ref(&fixture("resnet_tiny_ref.safetensors"));
+    let (x, n, hw) = input(&r);
+    let dir = tempfile::tempdir().unwrap();
+    // Rounding the weights to 11 (f16) or 8 (bf16) significant bits moves the outputs by about
+    // that much; bytes misread as another type would move them by orders of magnitude.
+    for (dtype, tol) in [
+        (safetensors::Dtype::F16, 1e-2),
+        (safetensors::Dtype::BF16, 5e-2),
+    ] {
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        rewrite_half(&src, &path, dtype);
+        let net = ResNet::load(&path).unwrap();
+        let got = net.forward_stages(&x, n, hw).pool;
+        let e = rel_err(&format!("{dtype:?} pool"), &got, &r["pool"].1);
+        println!("{dtype:?}: pool within {e:.2e} x max|ref|");
+        assert!(e <= tol, "{dtype:?}: {e}");
+    }
+}
