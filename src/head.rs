@@ -7,7 +7,7 @@
 //! features or weights they are given and refuse a mismatch instead of answering wrongly.
 
 use crate::features::{AtomicFile, FeatureMeta};
-use crate::image_io::Preprocess;
+use crate::image_io::{ChannelOrder, Preprocess, Resize};
 use crate::logistic::{self, LogisticModel, LogisticParams};
 use crate::mlp::{self, EpochReport, MlpModel, MlpParams};
 use safetensors::tensor::Dtype;
@@ -448,14 +448,18 @@ pub fn check_version_compatible(made_by: &str) -> Result<(), String> {
 }
 
 fn preprocess_json(p: &Preprocess) -> String {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "width": p.width,
         "height": p.height,
-        "channels": "RGB",
+        "channels": p.channels.name(),
         "mean": p.mean,
         "std": p.std,
-    })
-    .to_string()
+    });
+    // Only a crop is written: heads of stretched input stay what they were before crops existed.
+    if p.resize != Resize::Stretch {
+        json["resize"] = p.resize.name().into();
+    }
+    json.to_string()
 }
 
 fn parse_preprocess(s: &str) -> Result<Preprocess, String> {
@@ -465,13 +469,30 @@ fn parse_preprocess(s: &str) -> Result<Preprocess, String> {
         height: u32,
         mean: [f32; 3],
         std: [f32; 3],
+        #[serde(default)]
+        channels: Option<String>,
+        #[serde(default)]
+        resize: Option<String>,
     }
     let p: P = serde_json::from_str(s).map_err(|e| format!("bad 'preprocess' metadata: {e}"))?;
+    let channels = match p.channels.as_deref() {
+        None | Some("RGB") => ChannelOrder::Rgb,
+        Some("BGR") => ChannelOrder::Bgr,
+        Some(other) => return Err(format!("bad 'preprocess' metadata: channels '{other}'")),
+    };
+    let resize = match p.resize.as_deref() {
+        None => Resize::Stretch,
+        Some(r) => r
+            .parse()
+            .map_err(|e| format!("bad 'preprocess' metadata: {e}"))?,
+    };
     Ok(Preprocess {
         width: p.width,
         height: p.height,
         mean: p.mean,
         std: p.std,
+        resize,
+        channels,
     })
 }
 
@@ -563,6 +584,8 @@ mod tests {
                 height: 299,
                 mean: [128.0; 3],
                 std: [128.0; 3],
+                resize: Resize::Stretch,
+                channels: ChannelOrder::Rgb,
             }),
             dltool_version: env!("CARGO_PKG_VERSION").into(),
             training: TrainingSummary {

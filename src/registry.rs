@@ -20,6 +20,9 @@ use std::time::Duration;
 pub enum Backbone {
     InceptionV3,
     MobileNetV1,
+    ResNet50,
+    Vgg16,
+    Vgg19,
 }
 
 impl Backbone {
@@ -27,6 +30,9 @@ impl Backbone {
         match self {
             Backbone::InceptionV3 => "inception_v3",
             Backbone::MobileNetV1 => "mobilenet_v1",
+            Backbone::ResNet50 => "resnet50",
+            Backbone::Vgg16 => "vgg16",
+            Backbone::Vgg19 => "vgg19",
         }
     }
 }
@@ -463,6 +469,51 @@ static ENTRIES: &[Entry] = &[
         backbone: Backbone::MobileNetV1,
         format: Format::TfjsLayers,
         files: &[tfjs_model_json!("1.0")],
+    },
+    // torchvision's own files; the 8 hex digits in each name are the start of its SHA-256.
+    Entry {
+        name: "resnet50_imagenet1k_v1",
+        description: "ResNet50, torchvision's original ImageNet weights (IMAGENET1K_V1, 76.1% top-1, `pretrained=True` before 0.13)",
+        backbone: Backbone::ResNet50,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            "resnet50-0676ba61.pth",
+            Some("0676ba61"),
+        )],
+    },
+    Entry {
+        name: "resnet50_imagenet1k_v2",
+        description: "ResNet50, torchvision's 2021 retraining (IMAGENET1K_V2, 80.9% top-1), same architecture",
+        backbone: Backbone::ResNet50,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+            "resnet50-11ad3fa6.pth",
+            Some("11ad3fa6"),
+        )],
+    },
+    Entry {
+        name: "vgg16_imagenet1k_v1",
+        description: "VGG16, torchvision's ImageNet weights (IMAGENET1K_V1, 71.6% top-1)",
+        backbone: Backbone::Vgg16,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/vgg16-397923af.pth",
+            "vgg16-397923af.pth",
+            Some("397923af"),
+        )],
+    },
+    Entry {
+        name: "vgg19_imagenet1k_v1",
+        description: "VGG19, torchvision's ImageNet weights (IMAGENET1K_V1, 72.4% top-1)",
+        backbone: Backbone::Vgg19,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+            "vgg19-dcbb9e9d.pth",
+            Some("dcbb9e9d"),
+        )],
     },
 ];
 

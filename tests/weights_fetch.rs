@@ -246,3 +246,48 @@ fn wrong_hash_and_server_error_fail_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("HTTP 500"), "{}", stderr(&out));
 }
+
+#[test]
+fn torchvision_entries_fetch_their_file_and_check_its_hash_prefix() {
+    // The real files are hundreds of MB and not here: the mirror serves other bytes under each
+    // entry's file name, which must be requested at the right path and refused by the
+    // 8-hex-digit SHA-256 prefix torchvision puts in the name.
+    for (entry, file, prefix) in [
+        (
+            "resnet50_imagenet1k_v1",
+            "resnet50-0676ba61.pth",
+            "0676ba61",
+        ),
+        (
+            "resnet50_imagenet1k_v2",
+            "resnet50-11ad3fa6.pth",
+            "11ad3fa6",
+        ),
+        ("vgg16_imagenet1k_v1", "vgg16-397923af.pth", "397923af"),
+        ("vgg19_imagenet1k_v1", "vgg19-dcbb9e9d.pth", "dcbb9e9d"),
+    ] {
+        let home = tempfile::tempdir().unwrap();
+        let path = format!("/{entry}/{file}");
+        let routes = HashMap::from([(
+            path.clone(),
+            (b"not the weights".to_vec(), vec![Mode::Good]),
+        )]);
+        let (base, log) = serve(routes, 5);
+        let out = weights(home.path(), &base, &["fetch", entry]);
+        assert_eq!(out.status.code(), Some(1), "{entry}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("sha256 mismatch") && err.contains(prefix),
+            "{entry}: {err}"
+        );
+        assert!(
+            log.lock().unwrap().iter().any(|(p, _)| *p == path),
+            "{entry}"
+        );
+        let dir = home.path().join("weights").join(entry);
+        assert!(
+            !dir.join(file).exists(),
+            "{entry}: a file failing its hash was installed"
+        );
+    }
+}

@@ -12,6 +12,10 @@
 pub mod efficientnet_lite;
 pub mod inception_v3;
 pub mod mobilenet_v1;
+pub mod resnet;
+pub mod state_dict;
+pub mod torchvision;
+pub mod vgg;
 pub mod weight_file;
 
 use crate::image_io::Preprocess;
@@ -106,6 +110,9 @@ pub enum LoadError {
     MobileNetV1(#[from] mobilenet_v1::LoadError),
     #[error(transparent)]
     EfficientNetLite(#[from] efficientnet_lite::LoadError),
+    /// ResNet, VGG: networks assembled straight from a state dict.
+    #[error(transparent)]
+    StateDict(#[from] state_dict::StateDictError),
     /// A network's own loader error, for networks added without a variant here.
     #[error("{0}")]
     Other(String),
@@ -175,6 +182,9 @@ pub static NETWORKS: &[&Spec] = &[
     &mobilenet_v1::SPEC,
     &efficientnet_lite::LITE0_SPEC,
     &efficientnet_lite::LITE2_SPEC,
+    &resnet::SPEC,
+    &vgg::VGG16_SPEC,
+    &vgg::VGG19_SPEC,
 ];
 
 /// The default network (InceptionV3).

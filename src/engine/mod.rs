@@ -7,4 +7,5 @@
 pub mod cpu;
 pub mod cpu_conv;
 pub mod depthwise;
+pub mod cpu_ops;
 pub mod winograd;
