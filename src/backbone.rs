@@ -123,6 +123,13 @@ impl BackboneKind {
     /// The kind a weight path is for: a TF.js `model.json` (or a folder holding one) is a
     /// MobileNet, anything else is taken for InceptionV3 and its loader says if it is not.
     pub fn of_weights(path: &Path) -> BackboneKind {
+        // `--weights mobilenet_v1_0.25_224`: a registry name says its network.
+        if !path.exists()
+            && let Some(entry) = path.to_str().and_then(crate::registry::find)
+            && let Some(kind) = Self::of_provenance(entry.backbone.as_str())
+        {
+            return kind;
+        }
         let is_model_json = path.file_name().is_some_and(|n| n == "model.json");
         if is_model_json || path.join("model.json").is_file() {
             BackboneKind::MobileNetV1

@@ -15,6 +15,7 @@ pub mod head;
 pub mod image_io;
 pub mod inception_fast;
 pub mod inception_v3;
+pub mod info;
 pub mod inputs;
 pub mod journal;
 pub mod labels;
