@@ -74,7 +74,7 @@ pub struct CachedEntry {
     pub backbone: String,
     pub cached: bool,
     pub bytes: Option<u64>,
-    /// What the registry can check of it: `size + sha256`, `sha256 prefix`, `none published`.
+    /// What the registry can check of it: `size + sha256`, `sha256 prefix`, `none known`.
     pub checks: String,
     /// The installed files have been hashed and recorded (so later uses check size and mtime).
     pub hashed: bool,

