@@ -754,6 +754,16 @@ fn write_record(dir: &Path, record: &Record) -> Result<(), String> {
         })
 }
 
+/// The SHA-256 recorded for `path` in its folder's record, when its size and mtime still
+/// match what was recorded.
+pub fn recorded_sha256(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let record = read_record(path.parent()?);
+    let r = record.files.get(name)?;
+    let meta = fs::metadata(path).ok()?;
+    (r.size == meta.len() && r.mtime_ns == mtime_ns(&meta)).then(|| r.sha256.clone())
+}
+
 /// What a partial download was fetched from, so that it is resumed only from the same file.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct PartInfo {

@@ -195,6 +195,16 @@ fn from_registry(
     }
 }
 
+/// SHA-256 of a weight file: the one the cache recorded when `path` is an installed file whose
+/// size and mtime still match the record (so a cached file is not hashed on every run; the
+/// cache's checks before use re-hash it when they do not), else computed.
+pub fn fingerprint(path: &Path) -> std::io::Result<String> {
+    match crate::registry::recorded_sha256(path) {
+        Some(sha) => Ok(sha),
+        None => sha256_file(path),
+    }
+}
+
 /// Lower-case hex SHA-256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
