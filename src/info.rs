@@ -80,9 +80,11 @@ pub struct CachedEntry {
     pub hashed: bool,
 }
 
-/// The CPU's extensions and the path each kernel family takes. One function, so the engine's
-/// own dispatch can replace the detection here.
+/// The CPU's extensions and the path each kernel family takes, from the engine's one dispatch
+/// (`engine::cpu`, which `DLTOOL_SIMD` can force) and, for GEMM, the `gemm` crate's own
+/// detection (it cannot be forced).
 pub fn cpu() -> Cpu {
+    use crate::engine::cpu::{Simd, simd};
     #[cfg(target_arch = "x86_64")]
     let detected: Vec<(String, bool)> = vec![
         (
@@ -94,40 +96,31 @@ pub fn cpu() -> Cpu {
     ];
     #[cfg(not(target_arch = "x86_64"))]
     let detected: Vec<(String, bool)> = Vec::new();
-    let has = |name: &str| detected.iter().any(|(n, on)| n == name && *on);
-    let (avx512, avx2, fma) = (has("avx512f"), has("avx2"), has("fma"));
-    // The choices below mirror each kernel's own run-time test (winograd.rs `simd_dispatch`,
-    // logistic.rs `Isa::detect`, the gemm crate's x86-v4 build).
-    let winograd = if avx512 && fma {
-        "avx512f+fma"
-    } else if avx2 && fma {
-        "avx2+fma"
-    } else {
-        "scalar"
+    let engine = match simd() {
+        Simd::Avx512 => "avx512f+fma",
+        Simd::Avx2 => "avx2+fma",
+        Simd::Scalar => "scalar",
     };
-    let logistic = if avx512 {
-        "avx512f"
-    } else if avx2 && fma {
-        "avx2+fma"
-    } else {
-        "scalar"
-    };
-    let gemm = if avx512 {
-        "avx512f (gemm x86-v4)"
-    } else if avx2 && fma {
-        "avx2+fma (gemm x86-v3)"
-    } else {
-        "scalar"
+    let forced = std::env::var(crate::engine::cpu::SIMD_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map_or(String::new(), |v| {
+            format!(" ({}={v})", crate::engine::cpu::SIMD_ENV)
+        });
+    let gemm = match Simd::detect() {
+        Simd::Avx512 => "avx512f (gemm x86-v4)",
+        Simd::Avx2 => "avx2+fma (gemm x86-v3)",
+        Simd::Scalar => "scalar",
     };
     let kernels = [
-        ("winograd convolutions", winograd),
-        ("gemm (1x1 convolutions, dense layers)", gemm),
-        ("logistic regression", logistic),
+        ("winograd convolutions", format!("{engine}{forced}")),
+        ("logistic regression", format!("{engine}{forced}")),
+        ("gemm (1x1 convolutions, dense layers)", gemm.to_string()),
     ]
     .into_iter()
     .map(|(name, path)| Kernel {
         name: name.into(),
-        path: path.into(),
+        path,
     })
     .collect();
     Cpu {

@@ -49,6 +49,11 @@ fn main() -> ExitCode {
     if cli.offline {
         dltool::registry::set_offline();
     }
+    // A forced vector unit this CPU lacks is refused before any kernel runs.
+    if let Err(e) = dltool::engine::cpu::from_env() {
+        eprintln!("dltool: error: {e}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Featurize(args) => commands::featurize::run(args),
         Command::Split(args) => commands::split::run(args),

@@ -101,19 +101,17 @@ fn lookup(name: &str) -> anyhow::Result<&'static Entry> {
 /// The check a file must pass before import: it loads as the entry's network (for a TF.js
 /// model that reads every shard, so a missing or short one is refused too).
 fn validate(entry: &Entry, path: &Path) -> Result<(), String> {
+    let spec = crate::backbones::of_registry_entry(entry.name)
+        .ok_or_else(|| format!("{}: no network of this dltool uses this entry", entry.name))?;
+    crate::backbones::check_weights_for(spec, path).map_err(|e| e.to_string())?;
     let device = burn::prelude::Device::flex();
-    match entry.backbone {
-        registry::Backbone::InceptionV3 => crate::inception_v3::load(path, None, &device)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        registry::Backbone::MobileNetV1 => crate::mobilenet_v1::load(path, &device)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        registry::Backbone::EfficientNetLite0 | registry::Backbone::EfficientNetLite2 => Err(
-            "this dltool cannot load EfficientNet-Lite weights yet, so it cannot check them"
-                .to_string(),
-        ),
-    }
+    let opts = crate::backbones::LoadOptions {
+        device: &device,
+        variant: None,
+    };
+    (spec.load)(path, &opts)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn list() -> anyhow::Result<Status> {
