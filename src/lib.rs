@@ -16,6 +16,7 @@ pub mod features;
 pub mod featurize;
 pub mod head;
 pub mod image_io;
+pub mod info;
 pub mod inputs;
 pub mod journal;
 pub mod labels;

@@ -346,11 +346,13 @@ fn usage_errors_are_one_clear_line() {
         .args(["featurize", &img])
         .current_dir(dir.path())
         .env_remove("DLTOOL_WEIGHTS")
+        .env("DLTOOL_OFFLINE", "1")
         .env("DLTOOL_HOME", dir.path().join("home")));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("no weights found"));
+    assert!(stderr.contains("no inception_v3 weights found"));
+    assert!(stderr.contains("`dltool weights fetch inception_v3_tf2015`"));
     assert!(stderr.contains("--weights FILE"));
     assert!(stderr.contains(&dir.path().join("home/weights").display().to_string()));
 

@@ -301,7 +301,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         .unwrap_or_else(|| shared_dir().join("flowers"));
     // The benchmark is about the shared data set: its weights are the fallback.
     let shared_weights = shared_dir().join("weights/inception_v3_tf2015.safetensors");
-    let weights = crate::weights::resolve(
+    let weights = crate::weights::resolve_local(
         args.weights.as_deref(),
         crate::weights::INCEPTION_FILES,
         "inception_v3_tf2015",

@@ -2,8 +2,11 @@
 
 pub mod bench;
 pub mod classify;
+pub mod completions;
 pub mod evaluate;
 pub mod featurize;
+pub mod info;
+pub mod man;
 pub mod predict;
 pub mod split;
 pub mod train_head;
