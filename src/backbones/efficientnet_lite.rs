@@ -188,6 +188,8 @@ impl LiteSpec {
             height: self.size as u32,
             mean: [127.0; 3],
             std: [128.0; 3],
+            resize: crate::image_io::Resize::Stretch,
+            channels: crate::image_io::ChannelOrder::Rgb,
         }
     }
 }
