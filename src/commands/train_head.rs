@@ -33,7 +33,9 @@ decides on your data).
 
 The head file records the classes, the feature dimension and where the features came from \
 (backbone, weights SHA-256, layer, pooling). Safetensors features carry that themselves; for CSV \
-features it is taken from --weights/--layer/--pool (the featurize defaults).")]
+features it is taken from --weights/--backbone/--layer when one is given (the network is loaded \
+and its width checked), else it is recorded as unknown (with --pool/--tta if given): such a head \
+predicts from images only with --weights, and only the feature width is checked.")]
 pub struct Args {
     /// Training features (CSV or safetensors, as written by featurize or split).
     #[arg(value_name = "FEATURES")]
@@ -170,21 +172,22 @@ pub struct ProvenanceFlags {
         help_heading = "Provenance of CSV features"
     )]
     pub layer: Option<String>,
-    /// For CSV features: their pooling.
+    /// For CSV features: their pooling [default: avg with --weights/--backbone/--layer, else
+    /// not recorded].
     #[arg(
         long,
-        default_value = "avg",
+        value_name = "avg|max|none",
         help_heading = "Provenance of CSV features"
     )]
-    pub pool: Pool,
-    /// For CSV features: the test-time augmentation they were made with (featurize --tta).
+    pub pool: Option<Pool>,
+    /// For CSV features: the test-time augmentation they were made with (featurize --tta)
+    /// [default: none with --weights/--backbone/--layer, else not recorded].
     #[arg(
         long,
-        default_value = "none",
         value_name = "none|flip",
         help_heading = "Provenance of CSV features"
     )]
-    pub tta: Tta,
+    pub tta: Option<Tta>,
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -235,13 +238,30 @@ pub fn provenance(
     if let Some(meta) = &table.meta {
         return Ok(meta.clone());
     }
+    if flags.weights.is_none() && flags.backbone.is_none() && flags.layer.is_none() {
+        // Guessing the default weights could record the wrong network; unknown is honest, and
+        // predict then asks for --weights and checks the width.
+        crate::note!(
+            "{}: CSV features carry no provenance: the head records it as unknown (pass the \
+             featurize --weights/--layer to record it); predicting from images will need --weights",
+            input.display()
+        );
+        return Ok(FeatureMeta {
+            backbone: String::new(),
+            weights_sha256: String::new(),
+            layer: String::new(),
+            pool: flags.pool.map(|p| p.name().to_string()).unwrap_or_default(),
+            tta: flags.tta.map(|t| t.name().to_string()).unwrap_or_default(),
+            dltool_version: String::new(),
+        });
+    }
     let opts = BackboneOptions {
         kind: flags.backbone,
         weights: flags.weights.clone(),
         variant: None,
         layer: flags.layer.clone(),
-        pool: flags.pool,
-        tta: flags.tta,
+        pool: flags.pool.unwrap_or(Pool::Avg),
+        tta: flags.tta.unwrap_or(Tta::None),
     };
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
@@ -258,7 +278,7 @@ pub fn provenance(
             input.display(),
             table.dim,
             backbone.meta.layer,
-            flags.pool.name(),
+            opts.pool.name(),
             backbone.dim()
         );
     }
@@ -317,7 +337,7 @@ pub fn fit_with_progress(
     bar.finish_and_clear();
     if !quiet {
         match report {
-            FitReport::Logistic(report) => eprintln!(
+            FitReport::Logistic(report) => crate::note!(
                 "logistic: {} iterations, objective {:.6}{}",
                 report.iterations,
                 report.objective,
@@ -327,7 +347,7 @@ pub fn fit_with_progress(
                     " (not converged: raise --max-iter)"
                 }
             ),
-            FitReport::Mlp(report) => eprintln!(
+            FitReport::Mlp(report) => crate::note!(
                 "mlp: {} epochs{}, best epoch {}",
                 report.epochs_run,
                 if report.stopped_early {
@@ -365,7 +385,7 @@ pub fn save_head(
     };
     head.save(output).map_err(anyhow::Error::msg)?;
     if !quiet {
-        eprintln!(
+        crate::note!(
             "trained a {} head on {} rows, {} classes: training accuracy {:.4}; wrote {}",
             head.model.kind(),
             head.training.rows,
@@ -379,6 +399,9 @@ pub fn save_head(
 
 pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.threads);
+    // Before the training, not after it.
+    features::check_output_folder(&args.output)?;
+    features::refuse_output_over_input(&args.output, [&args.input])?;
     let table = features::read_features(&args.input)?;
     let (classes, y) = classes_of(&table, &args.input)?;
     let meta = provenance(&args.provenance, &table, &args.input)?;

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         Action::Fetch { name, quiet } => {
             let entry = lookup(&name)?;
             let path = registry::fetch(entry, !quiet).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Import { file, name } => {
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             };
             let validate = |p: &Path| validate(entry, p);
             let path = registry::import(entry, &file, &validate).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Verify { name } => verify(name.as_deref()),
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             let entry = lookup(&name)?;
             let path = registry::cached_path(entry)
                 .ok_or_else(|| anyhow!(registry::not_fetched_error(entry)))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
     }
@@ -128,7 +128,7 @@ fn human(bytes: u64) -> String {
 
 fn list() -> anyhow::Result<Status> {
     let cache = registry::cache_from_env().map_err(|e| anyhow!(e))?;
-    println!("{:<26} {:<8} {:>10}  DESCRIPTION", "NAME", "CACHED", "SIZE");
+    crate::outln!("{:<26} {:<8} {:>10}  DESCRIPTION", "NAME", "CACHED", "SIZE")?;
     for entry in registry::entries() {
         let (cached, size) = match cache.cached_size(entry) {
             Some(n) => ("yes", human(n)),
@@ -141,12 +141,15 @@ fn list() -> anyhow::Result<Status> {
         } else {
             " [only a sha256 prefix is known]"
         };
-        println!(
+        crate::outln!(
             "{:<26} {:<8} {:>10}  {}{note}",
-            entry.name, cached, size, entry.description
-        );
+            entry.name,
+            cached,
+            size,
+            entry.description
+        )?;
     }
-    println!("cache: {}", cache.root.join("weights").display());
+    crate::outln!("cache: {}", cache.root.join("weights").display())?;
     Ok(Status::Ok)
 }
 
@@ -174,7 +177,7 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
             .collect(),
     };
     if targets.is_empty() {
-        println!("nothing cached in {}", cache.root.join("weights").display());
+        crate::outln!("nothing cached in {}", cache.root.join("weights").display())?;
         return Ok(Status::Ok);
     }
     let mut failed = 0usize;
@@ -193,7 +196,7 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
             if matches!(c.check, Check::Missing | Check::Bad(_)) {
                 failed += 1;
             }
-            println!("{word:<8} {}{why}", c.path.display());
+            crate::outln!("{word:<8} {}{why}", c.path.display())?;
         }
     }
     if failed > 0 {
