@@ -1,7 +1,7 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
+use crate::backbone::{Backbone, Pool, Tta};
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
 use crate::logistic::LogisticParams;
@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0, help_heading = "MLP")]
     pub seed: u64,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Provenance of CSV features")]
     pub provenance: ProvenanceFlags,
 
     /// Worker threads [default: all cores].
@@ -150,45 +150,9 @@ impl HeadFlags {
     }
 }
 
-/// Where CSV features came from (safetensors features say it themselves).
-#[derive(clap::Args, Debug, Clone)]
-pub struct ProvenanceFlags {
-    /// For features without provenance (CSV; Parquet from other tools): the weights they were
-    /// made with [default: as featurize finds them].
-    #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
-    pub weights: Option<PathBuf>,
-    /// For CSV features: the network they came from [default: what --weights is, else
-    /// inception_v3].
-    #[arg(
-        long,
-        value_name = "inception_v3|mobilenet_v1",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub backbone: Option<BackboneKind>,
-    /// For CSV features: the layer they were read from [default: the network's last].
-    #[arg(
-        long,
-        value_name = "LAYER",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub layer: Option<String>,
-    /// For CSV features: their pooling [default: avg with --weights/--backbone/--layer, else
-    /// not recorded].
-    #[arg(
-        long,
-        value_name = "avg|max|none",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub pool: Option<Pool>,
-    /// For CSV features: the test-time augmentation they were made with (featurize --tta)
-    /// [default: none with --weights/--backbone/--layer, else not recorded].
-    #[arg(
-        long,
-        value_name = "none|flip",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub tta: Option<Tta>,
-}
+/// Where CSV features came from (safetensors features say it themselves): the flags that make
+/// features, under their own heading.
+pub type ProvenanceFlags = super::BackboneArgs;
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
     match s {
@@ -238,31 +202,37 @@ pub fn provenance(
     if let Some(meta) = &table.meta {
         return Ok(meta.clone());
     }
-    if flags.weights.is_none() && flags.backbone.is_none() && flags.layer.is_none() {
+    let choice = &flags.choice;
+    if choice.weights.is_none()
+        && choice.backbone.is_none()
+        && choice.variant.is_none()
+        && flags.layer.is_none()
+    {
         // Guessing the default weights could record the wrong network; unknown is honest, and
-        // predict then asks for --weights and checks the width.
+        // predict then asks for --weights and checks the width. A pooling or augmentation
+        // other than the default was given on purpose: that much is recorded.
         crate::note!(
             "{}: CSV features carry no provenance: the head records it as unknown (pass the \
              featurize --weights/--layer to record it); predicting from images will need --weights",
             input.display()
         );
+        let given = |name: &str, default: &str| {
+            if name == default {
+                String::new()
+            } else {
+                name.to_string()
+            }
+        };
         return Ok(FeatureMeta {
             backbone: String::new(),
             weights_sha256: String::new(),
             layer: String::new(),
-            pool: flags.pool.map(|p| p.name().to_string()).unwrap_or_default(),
-            tta: flags.tta.map(|t| t.name().to_string()).unwrap_or_default(),
+            pool: given(flags.pool.name(), Pool::Avg.name()),
+            tta: given(flags.tta.name(), Tta::None.name()),
             dltool_version: String::new(),
         });
     }
-    let opts = BackboneOptions {
-        kind: flags.backbone,
-        weights: flags.weights.clone(),
-        variant: None,
-        layer: flags.layer.clone(),
-        pool: flags.pool.unwrap_or(Pool::Avg),
-        tta: flags.tta.unwrap_or(Tta::None),
-    };
+    let opts = flags.options();
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
         anyhow::anyhow!(
