@@ -8,7 +8,7 @@ mod common;
 use common::{blobs, dltool, fails_with, ok, run, shared, write_table};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 const MOBILENET: &str = "weights/mobilenet_v1_0.25_224";
 
