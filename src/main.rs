@@ -68,13 +68,18 @@ fn main() -> ExitCode {
         Command::Completions(args) => commands::completions::run(args, Cli::command()),
         Command::Man(args) => commands::man::run(args, Cli::command()),
     };
+    // stdout is line-buffered: what a last `print!` left must reach it, or fail, here.
+    let result = result.and_then(|status| {
+        std::io::Write::flush(&mut std::io::stdout().lock()).map_err(commands::stdout_error)?;
+        Ok(status)
+    });
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Incomplete) => ExitCode::from(2),
         Ok(Status::Interrupted) => ExitCode::from(130),
         Err(err) if commands::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("dltool: error: {err:#}");
+            dltool::note!("dltool: error: {err:#}");
             ExitCode::from(1)
         }
     }

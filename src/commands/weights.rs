@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         Action::Fetch { name, quiet } => {
             let entry = lookup(&name)?;
             let path = registry::fetch(entry, !quiet).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Import { file, name } => {
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             };
             let validate = |p: &Path| validate(entry, p);
             let path = registry::import(entry, &file, &validate).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Verify { name } => verify(name.as_deref()),
@@ -80,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             let entry = lookup(&name)?;
             let path = registry::cached_path(entry)
                 .ok_or_else(|| anyhow!(registry::not_fetched_error(entry)))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
     }
@@ -116,10 +116,10 @@ fn validate(entry: &Entry, path: &Path) -> Result<(), String> {
 
 fn list() -> anyhow::Result<Status> {
     let cache = registry::cache_from_env().map_err(|e| anyhow!(e))?;
-    println!(
+    crate::outln!(
         "{:<26} {:<8} {:>10}  {:<15} DESCRIPTION",
         "NAME", "CACHED", "SIZE", "KNOWN HASH"
-    );
+    )?;
     for entry in registry::entries() {
         let (cached, size) = match cache.cached_size(entry) {
             Some(n) => ("yes", registry::human_bytes(n)),
@@ -128,16 +128,16 @@ fn list() -> anyhow::Result<Status> {
                 entry.known_size().map_or("?".into(), registry::human_bytes),
             ),
         };
-        println!(
+        crate::outln!(
             "{:<26} {:<8} {:>10}  {:<15} {}",
             entry.name,
             cached,
             size,
             entry.checks(),
             entry.description
-        );
+        )?;
     }
-    println!("cache: {}", cache.root.join("weights").display());
+    crate::outln!("cache: {}", cache.root.join("weights").display())?;
     Ok(Status::Ok)
 }
 
@@ -165,7 +165,7 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
             .collect(),
     };
     if targets.is_empty() {
-        println!("nothing cached in {}", cache.root.join("weights").display());
+        crate::outln!("nothing cached in {}", cache.root.join("weights").display())?;
         return Ok(Status::Ok);
     }
     let mut failed = 0usize;
@@ -192,7 +192,7 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
                     damaged.push(entry.name);
                 }
             }
-            println!("{word:<8} {}{why}", c.path.display());
+            crate::outln!("{word:<8} {}{why}", c.path.display())?;
         }
     }
     if failed > 0 {
