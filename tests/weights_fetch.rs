@@ -383,7 +383,7 @@ fn torchvision_entries_fetch_their_file_and_check_its_hash_prefix() {
             "{entry}: {err}"
         );
         assert!(
-            log.lock().unwrap().iter().any(|(p, _)| *p == path),
+            log.lock().unwrap().iter().any(|r| r.path == path),
             "{entry}"
         );
         let dir = home.path().join("weights").join(entry);

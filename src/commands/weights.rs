@@ -118,7 +118,10 @@ fn list() -> anyhow::Result<Status> {
     let cache = registry::cache_from_env().map_err(|e| anyhow!(e))?;
     crate::outln!(
         "{:<26} {:<8} {:>10}  {:<15} DESCRIPTION",
-        "NAME", "CACHED", "SIZE", "KNOWN HASH"
+        "NAME",
+        "CACHED",
+        "SIZE",
+        "KNOWN HASH"
     )?;
     for entry in registry::entries() {
         let (cached, size) = match cache.cached_size(entry) {

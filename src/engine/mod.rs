@@ -6,6 +6,6 @@
 
 pub mod cpu;
 pub mod cpu_conv;
-pub mod depthwise;
 pub mod cpu_ops;
+pub mod depthwise;
 pub mod winograd;
