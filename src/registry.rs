@@ -2162,7 +2162,7 @@ mod tests {
             );
         }
         assert!(!find("mobilenet_v1_1.0_224").unwrap().hashes_known());
-        assert_eq!(entries().len(), 8);
+        assert_eq!(entries().len(), 12);
     }
 
     #[test]

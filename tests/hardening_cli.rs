@@ -448,7 +448,7 @@ fn names_that_are_not_utf8_stay_distinct_through_resume() {
         let t = dltool::features::read_features(&out).unwrap();
         (t.paths.clone(), t.data.clone(), t.dim)
     };
-    ok(featurize(&[photos.clone()]).arg("-o").arg(&out));
+    ok(featurize(std::slice::from_ref(&photos)).arg("-o").arg(&out));
     let (paths, data, dim) = first();
     let shown = |b: &str| format!("{}/x\\x{b}.bmp", photos.display());
     assert_eq!(
@@ -480,7 +480,7 @@ fn names_that_are_not_utf8_stay_distinct_through_resume() {
 
     // safetensors keeps the raw bytes; reading shows the same escaped form as CSV.
     let st = dir.path().join("f.safetensors");
-    ok(featurize(&[photos.clone()]).arg("-o").arg(&st));
+    ok(featurize(std::slice::from_ref(&photos)).arg("-o").arg(&st));
     let table = dltool::features::read_features(&st).unwrap();
     assert_eq!(table.paths, paths);
     assert_eq!(table.data, data);

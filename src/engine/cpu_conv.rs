@@ -182,6 +182,9 @@ pub enum Epilogue {
 impl Epilogue {
     /// The epilogue of one value `v` with its column's bias `b`.
     #[inline(always)]
+    // max then min rather than clamp: NaN becomes 0 as with BiasRelu's max, the same as the
+    // vector paths' max/min instructions, so every path agrees.
+    #[allow(clippy::manual_clamp)]
     pub fn apply(self, v: f32, b: f32) -> f32 {
         match self {
             Epilogue::BiasRelu => (v + b).max(0.0),
@@ -193,6 +196,7 @@ impl Epilogue {
 
     /// [`Epilogue::apply`] over a row, with the match outside the loop so that it vectorises.
     #[inline(always)]
+    #[allow(clippy::manual_clamp)] // as in `apply`
     fn apply_row(self, row: &mut [f32], bias: &[f32]) {
         match self {
             Epilogue::BiasRelu => row.iter_mut().zip(bias).for_each(|(v, b)| {

@@ -223,7 +223,10 @@ fn row_generic<M: MulAdd, const K: usize>(
 /// in a fixed order (ky, then kx) and is stored once, epilogue applied. Pixels whose window
 /// lies inside the image take a branch-free, fully unrolled path.
 #[allow(clippy::too_many_arguments)]
+// Index loops over the L lanes and K taps: fixed-size arrays the compiler keeps in registers;
+// max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
 #[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::manual_clamp)]
 fn block<M: MulAdd, const K: usize, const L: usize>(
     g: &Geometry,
     src: &[f32],
