@@ -16,6 +16,10 @@ pub struct Args {
 /// Writes the script for `cli` (the whole `dltool` command) to stdout.
 pub fn run(args: Args, mut cli: clap::Command) -> anyhow::Result<Status> {
     let name = cli.get_name().to_string();
-    clap_complete::generate(args.shell, &mut cli, name, &mut std::io::stdout().lock());
+    // clap_complete panics when its writer fails: generate into memory, then write with errors
+    // returned (a closed pipe or a full disk is then handled like every other command's output).
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cli, name, &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
     Ok(Status::Ok)
 }
