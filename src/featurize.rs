@@ -4,9 +4,12 @@
 //! Decoding of batch k+1 runs on the rayon pool while the network works on batch k, so the
 //! network (which also uses the pool) never waits for JPEG decoding. Every result is delivered
 //! in the order of the input list, so the output does not depend on thread timing.
+//!
+//! Several networks (a [`BackboneSet`]) share the decoding: each image is decoded once and
+//! resized and normalized once per network, from the same pixels.
 
-use crate::backbone::Backbone;
-use crate::image_io;
+use crate::backbone_set::BackboneSet;
+use crate::image_io::{self, Preprocess};
 use crate::inputs::{Found, Input};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,13 +22,18 @@ pub enum Outcome<'a> {
     Skipped(&'a str),
 }
 
-/// Decoded pixels of one batch: for each item of the chunk, its CHW floats or why not.
-type Decoded = Vec<Result<Vec<f32>, String>>;
+/// Decoded pixels of one batch: for each item of the chunk, its CHW floats for each
+/// preprocessing (network), or why not.
+type Decoded = Vec<Result<Vec<Vec<f32>>, String>>;
+
+/// One batch for the networks: `pixels[k]` holds the images preprocessed the `k`-th way, back
+/// to back.
+pub type Pixels = Vec<Vec<f32>>;
 
 /// Featurizes `inputs` in batches of `batch_size`, calling `emit(index, outcome)` in input
 /// order. Stops at the first error `emit` returns (a closed pipe, a full disk) and returns it.
 pub fn run<E>(
-    backbone: &Backbone,
+    set: &BackboneSet,
     inputs: &[Input],
     batch_size: usize,
     max_pixels: u64,
@@ -34,22 +42,23 @@ pub fn run<E>(
 where
     E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
 {
-    let network = |pixels, n| backbone.features(pixels, n);
+    let network = |pixels, n| set.features(pixels, n);
     run_network(
-        backbone,
+        &set.preprocesses(),
         inputs,
         batch_size,
         max_pixels,
-        backbone.dim(),
+        set.dim(),
         network,
         emit,
     )
 }
 
-/// [`run`] with another use of the decoded batches: `network(pixels, n)` returns `dim` floats
-/// per image (the pretrained classifier's probabilities, for `classify`).
+/// [`run`] with another use of the decoded batches: each image is preprocessed each way of
+/// `preprocesses`, and `network(pixels, n)` returns `dim` floats per image (the pretrained
+/// classifier's probabilities, for `classify`).
 pub fn run_network<N, E>(
-    backbone: &Backbone,
+    preprocesses: &[Preprocess],
     inputs: &[Input],
     batch_size: usize,
     max_pixels: u64,
@@ -58,14 +67,14 @@ pub fn run_network<N, E>(
     mut emit: E,
 ) -> anyhow::Result<()>
 where
-    N: Fn(Vec<f32>, usize) -> Vec<f32>,
+    N: Fn(Pixels, usize) -> Vec<f32>,
     E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
 {
     let batches = inputs
         .chunks(batch_size.max(1))
         .map(|chunk| chunk.iter().cloned().map(Found::Input).collect());
     run_batches(
-        backbone,
+        preprocesses,
         batches,
         max_pixels,
         dim,
@@ -80,7 +89,7 @@ where
 /// Memory stays at a few batches however long the stream. Listing problems (`Found::Skip`)
 /// come out as `Outcome::Skipped` in their place.
 pub fn run_stream<E>(
-    backbone: &Backbone,
+    set: &BackboneSet,
     items: mpsc::Receiver<Found>,
     batch_size: usize,
     max_pixels: u64,
@@ -111,12 +120,12 @@ where
         }
         Some(batch)
     });
-    let network = |pixels, n| backbone.features(pixels, n);
+    let network = |pixels, n| set.features(pixels, n);
     run_batches(
-        backbone,
+        &set.preprocesses(),
         batches,
         max_pixels,
-        backbone.dim(),
+        set.dim(),
         network,
         |i, item, outcome| {
             let result = emit(i, item, outcome);
@@ -132,7 +141,7 @@ where
 /// `network` (`dim` floats per image) runs here, and `emit(index, item, outcome)` sees every
 /// item in order.
 fn run_batches<B, N, E>(
-    backbone: &Backbone,
+    preprocesses: &[Preprocess],
     batches: B,
     max_pixels: u64,
     dim: usize,
@@ -141,11 +150,9 @@ fn run_batches<B, N, E>(
 ) -> anyhow::Result<()>
 where
     B: Iterator<Item = Vec<Found>> + Send,
-    N: Fn(Vec<f32>, usize) -> Vec<f32>,
+    N: Fn(Pixels, usize) -> Vec<f32>,
     E: FnMut(usize, &Found, Outcome<'_>) -> anyhow::Result<()>,
 {
-    let pre = backbone.preprocess;
-    let input_len = backbone.input_len();
     std::thread::scope(|scope| {
         // One decoded batch waits while the network runs: enough to hide decoding, and memory
         // stays at two batches of pixels.
@@ -155,10 +162,7 @@ where
                 let decoded: Decoded = batch
                     .par_iter()
                     .map(|item| match item {
-                        Found::Input(input) => {
-                            image_io::load_for_network(&input.path, &pre, max_pixels)
-                                .map_err(|e| e.to_string())
-                        }
+                        Found::Input(input) => decode(&input.path, preprocesses, max_pixels),
                         Found::Skip(skip) => Err(skip.reason.clone()),
                     })
                     .collect();
@@ -170,23 +174,26 @@ where
 
         let mut start = 0;
         for (batch, decoded) in rx {
-            // Pixels move into one batch buffer; only the reasons of the failures stay behind.
-            let mut pixels = Vec::new();
+            // Pixels move into one batch buffer per network; only the reasons of the failures
+            // stay behind.
+            let mut pixels: Pixels = preprocesses
+                .iter()
+                .map(|p| Vec::with_capacity(p.tensor_len() * batch.len()))
+                .collect();
             let mut status: Vec<Option<String>> = Vec::with_capacity(decoded.len());
+            let mut n_ok = 0;
             for result in decoded {
                 match result {
-                    Ok(p) => {
-                        if pixels.is_empty() {
-                            pixels.reserve(p.len() * batch.len());
+                    Ok(images) => {
+                        for (buffer, image) in pixels.iter_mut().zip(images) {
+                            buffer.extend_from_slice(&image);
                         }
-                        debug_assert_eq!(p.len(), input_len);
-                        pixels.extend_from_slice(&p);
+                        n_ok += 1;
                         status.push(None);
                     }
                     Err(reason) => status.push(Some(reason)),
                 }
             }
-            let n_ok = pixels.len() / input_len;
             let features = if n_ok == 0 {
                 Vec::new()
             } else {
@@ -204,4 +211,17 @@ where
         }
         Ok(())
     })
+}
+
+/// Decodes `path` once and preprocesses it each way of `preprocesses`.
+fn decode(
+    path: &std::path::Path,
+    preprocesses: &[Preprocess],
+    max_pixels: u64,
+) -> Result<Vec<Vec<f32>>, String> {
+    let image = image_io::decode_rgb8(path, max_pixels).map_err(|e| e.to_string())?;
+    preprocesses
+        .iter()
+        .map(|p| image_io::preprocess_rgb8(&image, p).map_err(|e| e.to_string()))
+        .collect()
 }

@@ -35,6 +35,7 @@ macro_rules! out {
 }
 
 pub mod backbone;
+pub mod backbone_set;
 pub mod backbones;
 pub mod bench;
 pub mod commands;

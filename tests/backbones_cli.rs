@@ -4,29 +4,11 @@
 mod common;
 
 use burn::prelude::*;
-use common::{Golden, dltool, make_pth, ok, run, shared};
-use std::path::{Path, PathBuf};
+use common::{Golden, dltool, flower_subset, make_pth, ok, run, shared};
+use std::path::Path;
 
 const MODEL_DIR: &str = "weights/mobilenet_v1_0.25_224";
 const LABELS: &str = "imagenet/imagenet_class_index.json";
-
-/// A folder with `per_class` images of each class in `classes`, symlinked from ../shared/flowers,
-/// so featurize labels them by subfolder.
-fn flower_subset(dir: &Path, classes: &[&str], per_class: usize) -> PathBuf {
-    let root = dir.join("imgs");
-    for class in classes {
-        std::fs::create_dir_all(root.join(class)).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(shared(&format!("flowers/{class}")))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        for f in files.iter().take(per_class) {
-            std::os::unix::fs::symlink(f, root.join(class).join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    root
-}
 
 #[test]
 fn classify_names_the_daisy_of_the_golden() {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{Golden, dltool, fails_with, ok, run, shared, shared_dir};
-use std::path::{Path, PathBuf};
+use common::{Golden, dltool, fails_with, flower_subset, ok, run, shared, shared_dir};
+use std::path::Path;
 
 const LITE0: &str = "weights/efficientnet_lite0/efficientnet-lite0-57934424.pth";
 const LITE2: &str = "weights/efficientnet_lite2/efficientnet-lite2-9656183e.pth";
@@ -91,23 +91,6 @@ fn classify_names_the_daisy_of_the_golden() {
         .collect();
     assert_eq!(rows.len(), 3, "{text}");
     assert_eq!(&rows[0][1..4], ["1", "n11939491", "daisy"], "{text}");
-}
-
-/// A folder with `per_class` images of each class, symlinked from ../shared/flowers.
-fn flower_subset(dir: &Path, classes: &[&str], per_class: usize) -> PathBuf {
-    let root = dir.join("imgs");
-    for class in classes {
-        std::fs::create_dir_all(root.join(class)).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(shared(&format!("flowers/{class}")))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        for f in files.iter().take(per_class) {
-            std::os::unix::fs::symlink(f, root.join(class).join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    root
 }
 
 #[test]

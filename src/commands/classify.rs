@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.run.threads);
     let opts = BackboneOptions {
         tta: args.tta,
-        ..args.net.options()
+        ..args.net.options()?
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let no_classifier = |weights: &str, kind: &str| {
@@ -167,13 +167,14 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     }
     let k = args.top_k as usize;
     let status = super::stream_images(
-        &backbone,
+        &[backbone.preprocess],
         &list,
         &args.run,
         args.quiet,
         "classified",
         classes,
         |pixels, n| {
+            let pixels = pixels.into_iter().next().expect("one network, one batch");
             backbone
                 .classify(pixels, n)
                 .expect("num_classes() said there is a classifier")

@@ -1,7 +1,7 @@
 //! `dltool featurize`: images in, one feature row per image out.
 
 use super::Status;
-use crate::backbone::Backbone;
+use crate::backbone_set::BackboneSet;
 use crate::features::{
     self, CsvFeatureWriter, FeatureError, Format, ParquetFeatureWriter, Row,
     SafetensorsFeatureWriter,
@@ -151,9 +151,9 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         features::refuse_output_over_input(path, list.inputs.iter().map(|i| &i.path))?;
     }
 
-    let opts = args.net.options();
+    let opts = args.net.options_list()?;
     let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device)?;
+    let backbone = BackboneSet::load(&opts, device)?;
 
     let progress = super::progress_bar(
         if streaming {
@@ -233,7 +233,7 @@ fn report_skip(progress: &ProgressBar, display: &str, reason: &str) {
 
 fn to_stdout(
     args: &Args,
-    backbone: &Backbone,
+    backbone: &BackboneSet,
     inputs: &[Input],
     progress: &ProgressBar,
     tally: &mut Tally,
@@ -252,7 +252,7 @@ fn to_stdout(
 /// "Streaming" in the help.
 fn stream_to_stdout(
     args: &Args,
-    backbone: &Backbone,
+    backbone: &BackboneSet,
     progress: &ProgressBar,
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
@@ -299,7 +299,7 @@ struct StdoutRows {
 }
 
 impl StdoutRows {
-    fn start(args: &Args, backbone: &Backbone) -> anyhow::Result<StdoutRows> {
+    fn start(args: &Args, backbone: &BackboneSet) -> anyhow::Result<StdoutRows> {
         let mut stdout = std::io::stdout().lock();
         if !args.no_header {
             stdout
@@ -395,7 +395,7 @@ pub fn journal_path(output: &Path) -> PathBuf {
 
 fn to_file(
     args: &Args,
-    backbone: &Backbone,
+    backbone: &BackboneSet,
     inputs: &[Input],
     output: &Path,
     format: Format,
@@ -527,7 +527,7 @@ fn write_output(
     output: &Path,
     format: Format,
     csv_header: bool,
-    backbone: &Backbone,
+    backbone: &BackboneSet,
     inputs: &[Input],
     done: &[(usize, u64)],
     journal: &mut Journal,

@@ -41,18 +41,66 @@ pub struct NetworkArgs {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct NetworkChoice {
     /// Weights: a file (InceptionV3 safetensors or PyTorch state dict; MobileNet v1 TF.js
-    /// model.json), a TF.js model folder, or a fetched registry name [default: $DLTOOL_WEIGHTS,
-    /// then assets/weights/, then the user cache].
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<std::path::PathBuf>,
+    /// model.json; EfficientNet/ResNet/VGG .pth), a TF.js model folder, or a fetched registry
+    /// name [default: $DLTOOL_WEIGHTS, then assets/weights/, then the user cache]. For several
+    /// networks (featurize), one per network, comma-separated, in --backbone's order.
+    #[arg(long, value_name = "FILE[,FILE...]", value_parser = WeightListParser)]
+    pub weights: Option<WeightList>,
 
-    /// Network to run [default: what --weights holds, else inception_v3].
-    #[arg(long, value_enum)]
-    pub backbone: Option<crate::backbone::BackboneKind>,
+    /// Network to run [default: what --weights holds, else inception_v3]. featurize takes
+    /// several, comma-separated (inception_v3,efficientnet_lite2): each image is decoded once
+    /// and the networks' features are written side by side, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME[,NAME...]")]
+    pub backbone: Vec<crate::backbone::BackboneKind>,
 
     /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
     #[arg(long, value_name = "VARIANT")]
     pub variant: Option<crate::inception_v3::BlockVariant>,
+}
+
+/// `--weights`: one file, or several comma-separated. A name that exists as it is (a file
+/// whose name holds a comma) is one file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightList(pub Vec<std::path::PathBuf>);
+
+impl WeightList {
+    /// Reads `--weights`' value; a name that is not UTF-8 is one file.
+    pub fn parse(value: &std::ffi::OsStr) -> Result<WeightList, String> {
+        let whole = || Ok(WeightList(vec![value.into()]));
+        let Some(text) = value.to_str() else {
+            return whole();
+        };
+        if !text.contains(',') || std::path::Path::new(text).exists() {
+            return whole();
+        }
+        let parts: Vec<&str> = text.split(',').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("'{text}': an empty name in the list"));
+        }
+        Ok(WeightList(parts.into_iter().map(Into::into).collect()))
+    }
+}
+
+/// clap's side of [`WeightList::parse`]: paths need not be UTF-8.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightListParser;
+
+impl clap::builder::TypedValueParser for WeightListParser {
+    type Value = WeightList;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<WeightList, clap::Error> {
+        WeightList::parse(value).map_err(|e| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!("--weights {e}\n"),
+            )
+        })
+    }
 }
 
 /// The network and what features to read from it: shared by every command that runs a network
@@ -63,7 +111,8 @@ pub struct BackboneArgs {
     pub choice: NetworkChoice,
 
     /// Layer to read features from: mixed_5d, mixed_6e or mixed_7c for InceptionV3
-    /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1.
+    /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1. With several networks, one per
+    /// network, comma-separated (an empty one: that network's default).
     #[arg(long, value_name = "LAYER")]
     pub layer: Option<String>,
 
@@ -78,25 +127,98 @@ pub struct BackboneArgs {
 }
 
 impl NetworkChoice {
-    /// The options with this choice and the defaults for the rest.
-    pub fn options(&self) -> crate::backbone::BackboneOptions {
-        crate::backbone::BackboneOptions {
-            kind: self.backbone,
-            weights: self.weights.clone(),
-            variant: self.variant.map(|v| v.name().to_string()),
-            ..Default::default()
+    /// True when neither a network nor weights were named.
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_none() && self.backbone.is_empty() && self.variant.is_none()
+    }
+
+    /// The options of each network named, in order: one per `--backbone` name (paired with
+    /// `--weights` in order when both are given), else one per weight file, else the default
+    /// network; the defaults for the rest. Bad combinations are one line each.
+    pub fn options_list(&self) -> anyhow::Result<Vec<crate::backbone::BackboneOptions>> {
+        let kinds = &self.backbone;
+        let weights: &[std::path::PathBuf] = self.weights.as_ref().map_or(&[], |w| &w.0);
+        for (i, k) in kinds.iter().enumerate() {
+            if kinds[..i].contains(k) {
+                anyhow::bail!(
+                    "--backbone names {} twice: name each network once",
+                    k.name()
+                );
+            }
         }
+        if !kinds.is_empty() && !weights.is_empty() && kinds.len() != weights.len() {
+            anyhow::bail!(
+                "--weights names {} file(s) for {} networks (--backbone {}): give one per \
+                 network, in the same order, or none",
+                weights.len(),
+                kinds.len(),
+                kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+            );
+        }
+        let n = kinds.len().max(weights.len()).max(1);
+        let variant = self.variant.map(|v| v.name().to_string());
+        Ok((0..n)
+            .map(|i| {
+                let kind = kinds.get(i).copied();
+                crate::backbone::BackboneOptions {
+                    kind,
+                    weights: weights.get(i).cloned(),
+                    // With several networks the variant is for those that have variants (or
+                    // may: a file not yet read); alone, the network's loader judges it.
+                    variant: variant
+                        .clone()
+                        .filter(|_| n == 1 || kind.is_none_or(|k| !k.spec().variants.is_empty())),
+                    ..Default::default()
+                }
+            })
+            .collect())
+    }
+
+    /// The options of the one network named; several are refused in one line.
+    pub fn options(&self) -> anyhow::Result<crate::backbone::BackboneOptions> {
+        let mut list = self.options_list()?;
+        if list.len() > 1 {
+            anyhow::bail!(
+                "{} networks named (--backbone/--weights): this command runs one (featurize \
+                 runs several)",
+                list.len()
+            );
+        }
+        Ok(list.remove(0))
     }
 }
 
 impl BackboneArgs {
-    pub fn options(&self) -> crate::backbone::BackboneOptions {
-        crate::backbone::BackboneOptions {
-            layer: self.layer.clone(),
-            pool: self.pool,
-            tta: self.tta,
-            ..self.choice.options()
+    /// The options of each network named (see [`NetworkChoice::options_list`]) with the layer,
+    /// pooling and test-time augmentation asked for.
+    pub fn options_list(&self) -> anyhow::Result<Vec<crate::backbone::BackboneOptions>> {
+        let mut list = self.choice.options_list()?;
+        let layers: Vec<Option<String>> = match &self.layer {
+            None => vec![None; list.len()],
+            // One network: the name as given, commas and all.
+            Some(l) if list.len() == 1 => vec![Some(l.clone())],
+            Some(l) => {
+                let names: Vec<Option<String>> = l
+                    .split(',')
+                    .map(|s| (!s.is_empty()).then(|| s.to_string()))
+                    .collect();
+                if names.len() != list.len() {
+                    anyhow::bail!(
+                        "--layer names {} layer(s) for {} networks: give one per network, \
+                         comma-separated (an empty one for a network's default), or none",
+                        names.len(),
+                        list.len()
+                    );
+                }
+                names
+            }
+        };
+        for (opts, layer) in list.iter_mut().zip(layers) {
+            opts.layer = layer;
+            opts.pool = self.pool;
+            opts.tta = self.tta;
         }
+        Ok(list)
     }
 }
 
@@ -237,13 +359,13 @@ impl Sink {
     }
 }
 
-/// Runs `network` (`dim` floats per image) over the images of `list` and writes what `format`
-/// makes of each result to `sink` as soon as it is ready, in input order; reports skipped
-/// inputs on stderr and, unless `quiet`, a summary (`{verb} N image(s)`). `Incomplete` when no
-/// image got through.
+/// Runs `network` (`dim` floats per image, from the images preprocessed each way of
+/// `preprocesses`) over the images of `list` and writes what `format` makes of each result to
+/// `sink` as soon as it is ready, in input order; reports skipped inputs on stderr and, unless
+/// `quiet`, a summary (`{verb} N image(s)`). `Incomplete` when no image got through.
 #[allow(clippy::too_many_arguments)]
 pub fn stream_images<N, F>(
-    backbone: &crate::backbone::Backbone,
+    preprocesses: &[crate::image_io::Preprocess],
     list: &crate::inputs::InputList,
     run: &NetworkArgs,
     quiet: bool,
@@ -254,7 +376,7 @@ pub fn stream_images<N, F>(
     mut format: F,
 ) -> anyhow::Result<Status>
 where
-    N: Fn(Vec<f32>, usize) -> Vec<f32>,
+    N: Fn(crate::featurize::Pixels, usize) -> Vec<f32>,
     F: FnMut(&str, &[f32], &mut Vec<u8>) -> anyhow::Result<()>,
 {
     use crate::featurize::Outcome;
@@ -275,7 +397,7 @@ where
     let (mut done, mut skipped) = (0usize, list.skipped.len());
     let mut line = Vec::new();
     crate::featurize::run_network(
-        backbone,
+        preprocesses,
         &list.inputs,
         run.batch_size as usize,
         run.max_pixels,
@@ -311,4 +433,22 @@ where
     } else {
         Status::Ok
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightList;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn weight_lists_split_on_commas_unless_the_name_exists() {
+        let list = |s: &str| WeightList::parse(OsStr::new(s)).map(|w| w.0.len());
+        assert_eq!(list("a.pth"), Ok(1));
+        assert_eq!(list("a.pth,b.pth"), Ok(2));
+        assert!(list("a.pth,,b.pth").unwrap_err().contains("empty name"));
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("x,y.pth");
+        std::fs::write(&odd, b"").unwrap();
+        assert_eq!(list(odd.to_str().unwrap()), Ok(1));
+    }
 }

@@ -2,6 +2,7 @@
 
 use super::{Sink, Status};
 use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
+use crate::backbone_set::BackboneSet;
 use crate::features::{self, FeatureMeta};
 use crate::head::Head;
 use crate::inputs;
@@ -50,9 +51,10 @@ pub struct Args {
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
 
-    /// Weight file of the backbone [default: as featurize finds it]; must be the head's.
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
+    /// Weight file of the backbone [default: as featurize finds it]; must be the head's. For a
+    /// head on several networks' features, one per network, comma-separated, in its order.
+    #[arg(long, value_name = "FILE[,FILE...]", value_parser = super::WeightListParser)]
+    pub weights: Option<super::WeightList>,
 
     #[command(flatten)]
     pub run: super::NetworkArgs,
@@ -202,19 +204,19 @@ fn predict_images(
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
     let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
-    let backbone = if head.provenance.backbone.is_empty() {
+    let set = if head.provenance.backbone.is_empty() {
         backbone_of_unknown(args, head)?
     } else {
         backbone_of_provenance(args, head)?
     };
     super::stream_images(
-        &backbone,
+        &set.preprocesses(),
         &list,
         &args.run,
         args.quiet,
         "predicted",
-        backbone.dim(),
-        |pixels, n| backbone.features(pixels, n),
+        set.dim(),
+        |pixels, n| set.features(pixels, n),
         sink,
         |path, features, out| {
             out.extend_from_slice(rows.format(path, &head.predict_proba(features, 1))?);
@@ -223,9 +225,48 @@ fn predict_images(
     )
 }
 
-/// The network a head's provenance names, loaded as it was (checked against the head).
-fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
-    let p = &head.provenance;
+/// The networks a head's provenance names, loaded as they were (each checked against its part
+/// of the head's provenance), in the head's order.
+fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> {
+    let parts = crate::backbone_set::parts(&head.provenance);
+    let weights: &[PathBuf] = args.weights.as_ref().map_or(&[], |w| &w.0);
+    if !weights.is_empty() && weights.len() != parts.len() {
+        bail!(
+            "{}: the head was trained on features of {} network(s) ({}), but --weights names {} \
+             file(s): give one per network, in that order, or none",
+            args.head.display(),
+            parts.len(),
+            head.provenance.backbone,
+            weights.len()
+        );
+    }
+    let device = super::open_device(args.run.device, args.quiet)?;
+    let mut loaded = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        let given = weights.get(i);
+        let backbone = load_part(args, p, given, device.clone())?;
+        check_backbone(p, &backbone.meta, &args.head, &backbone.weights_path)?;
+        loaded.push(backbone);
+    }
+    let set = BackboneSet::new(loaded)?;
+    if set.dim() != head.feature_dim {
+        bail!(
+            "{}: the head expects {} features, the backbone gives {}",
+            args.head.display(),
+            head.feature_dim,
+            set.dim()
+        );
+    }
+    Ok(set)
+}
+
+/// One network of a head's provenance, with the weights given for it if any.
+fn load_part(
+    args: &Args,
+    p: &FeatureMeta,
+    weights: Option<&PathBuf>,
+    device: burn::prelude::Device,
+) -> anyhow::Result<Backbone> {
     let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
         anyhow::anyhow!(
             "{}: made for backbone '{}', which this dltool does not have",
@@ -241,7 +282,7 @@ fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<Backbone> 
         .tta
         .parse()
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
-    if let Some(w) = args.weights.as_deref().filter(|w| w.exists()) {
+    if let Some(w) = weights.filter(|w| w.exists()) {
         let given = BackboneKind::of_weights(w);
         if given != kind {
             bail!(
@@ -255,30 +296,19 @@ fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<Backbone> 
     }
     let opts = BackboneOptions {
         kind: Some(kind),
-        weights: args.weights.clone(),
+        weights: weights.cloned(),
         variant: None,
         layer: Some(p.layer.clone()),
         pool,
         tta,
     };
-    let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device)?;
-    check_backbone(head, &backbone.meta, &args.head, &backbone.weights_path)?;
-    if backbone.dim() != head.feature_dim {
-        bail!(
-            "{}: the head expects {} features, the backbone gives {}",
-            args.head.display(),
-            head.feature_dim,
-            backbone.dim()
-        );
-    }
-    Ok(backbone)
+    Backbone::load(&opts, device)
 }
 
 /// A head trained on CSV features of unknown provenance: the network is what --weights says
 /// (its last layer; the pooling and test-time augmentation the head recorded, if any), and the
 /// width is the only check there can be.
-fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
+fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> {
     let Some(weights) = &args.weights else {
         bail!(
             "{}: the head was trained on CSV features of unknown provenance, so it does not \
@@ -298,47 +328,56 @@ fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
     } else {
         p.tta.parse().map_err(bad)?
     };
-    let opts = BackboneOptions {
-        kind: None,
-        weights: Some(weights.clone()),
-        variant: None,
-        layer: None,
-        pool,
-        tta,
-    };
+    let opts: Vec<BackboneOptions> = weights
+        .0
+        .iter()
+        .map(|w| BackboneOptions {
+            kind: None,
+            weights: Some(w.clone()),
+            variant: None,
+            layer: None,
+            pool,
+            tta,
+        })
+        .collect();
     let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device)?;
-    if backbone.dim() != head.feature_dim {
+    let set = BackboneSet::load(&opts, device)?;
+    let files = weights
+        .0
+        .iter()
+        .map(|w| w.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if set.dim() != head.feature_dim {
         bail!(
-            "{}: the head expects {} features, but {} ({}, layer {}) gives {}: pass the weights \
-             the head's features were made with",
+            "{}: the head expects {} features, but {files} ({}, layer {}) gives {}: pass the \
+             weights the head's features were made with",
             args.head.display(),
             head.feature_dim,
-            weights.display(),
-            backbone.meta.backbone,
-            backbone.meta.layer,
-            backbone.dim()
+            set.meta.backbone,
+            set.meta.layer,
+            set.dim()
         );
     }
     crate::note!(
-        "{}: the head's provenance is unknown (CSV features): featurizing with {} ({}, layer {}); \
-         only the width was checked",
+        "{}: the head's provenance is unknown (CSV features): featurizing with {files} ({}, \
+         layer {}); only the width was checked",
         args.head.display(),
-        weights.display(),
-        backbone.meta.backbone,
-        backbone.meta.layer
+        set.meta.backbone,
+        set.meta.layer
     );
-    Ok(backbone)
+    Ok(set)
 }
 
-/// The head only makes sense on the features of the network it was trained on.
+/// The head only makes sense on the features of the network it was trained on: `part` is the
+/// head's provenance for this network.
 fn check_backbone(
-    head: &Head,
+    part: &FeatureMeta,
     loaded: &FeatureMeta,
     head_path: &std::path::Path,
     weights: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let h = &head.provenance;
+    let h = part;
     if !h.backbone.is_empty() && h.backbone != loaded.backbone {
         bail!(
             "{}: the head was trained on {} features, but {} is {}",

@@ -1,7 +1,8 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::{Backbone, Pool, Tta};
+use crate::backbone::{Pool, Tta};
+use crate::backbone_set::BackboneSet;
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
 use crate::logistic::LogisticParams;
@@ -203,11 +204,7 @@ pub fn provenance(
         return Ok(meta.clone());
     }
     let choice = &flags.choice;
-    if choice.weights.is_none()
-        && choice.backbone.is_none()
-        && choice.variant.is_none()
-        && flags.layer.is_none()
-    {
+    if choice.is_empty() && flags.layer.is_none() {
         // Guessing the default weights could record the wrong network; unknown is honest, and
         // predict then asks for --weights and checks the width. A pooling or augmentation
         // other than the default was given on purpose: that much is recorded.
@@ -232,9 +229,9 @@ pub fn provenance(
             dltool_version: String::new(),
         });
     }
-    let opts = flags.options();
+    let opts = flags.options_list()?;
     // Loading the network checks the weights really are a backbone and names its variant.
-    let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
+    let backbone = BackboneSet::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
         anyhow::anyhow!(
             "{}: CSV features carry no provenance, and the weights they came from are needed \
              to record it: {e:#}",
@@ -248,7 +245,7 @@ pub fn provenance(
             input.display(),
             table.dim,
             backbone.meta.layer,
-            opts.pool.name(),
+            flags.pool.name(),
             backbone.dim()
         );
     }
@@ -343,7 +340,12 @@ pub fn save_head(
     output: &Path,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    let preprocess = crate::backbone::preprocess_of(&provenance.backbone);
+    // A head on several networks' features has one preprocessing per network, which its
+    // provenance names; the single `preprocess` record is for one network's.
+    let preprocess = match crate::backbone_set::parts(&provenance).as_slice() {
+        [one] => crate::backbone::preprocess_of(&one.backbone),
+        _ => None,
+    };
     let head = Head {
         model,
         classes,

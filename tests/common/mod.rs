@@ -225,3 +225,21 @@ pub fn photo_dir(root: &Path, per_class: usize) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A folder with `per_class` images of each class in `classes`, symlinked from ../shared/flowers,
+/// so featurize labels them by subfolder.
+pub fn flower_subset(dir: &Path, classes: &[&str], per_class: usize) -> PathBuf {
+    let root = dir.join("imgs");
+    for class in classes {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(shared(&format!("flowers/{class}")))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files.iter().take(per_class) {
+            std::os::unix::fs::symlink(f, root.join(class).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    root
+}
