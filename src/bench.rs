@@ -10,6 +10,25 @@ use std::time::{Duration, Instant};
 /// counted as two operations each.
 pub const FLOP_PER_IMAGE: f64 = 11.4e9;
 
+/// Floating-point operations of one image through the network a provenance string names
+/// (`inception_v3/tf2015`), at its input size and up to its default feature layer: two per
+/// multiply-add of every convolution and fully-connected layer, as `tools/flop_counts.py`
+/// counts them with torch's FlopCounterMode on the same layer shapes. `None` for a network not
+/// counted (MobileNet v1 is counted at the shared file's width 0.25 and 224x224 only).
+pub fn flop_per_image(provenance: &str) -> Option<f64> {
+    let family = provenance.split('/').next().unwrap_or("");
+    Some(match family {
+        "inception_v3" => 11_422_336_192.0,
+        "mobilenet_v1" if provenance == "mobilenet_v1/0.25_224" => 81_548_544.0,
+        "efficientnet_lite0" => 767_815_104.0,
+        "efficientnet_lite2" => 1_716_912_544.0,
+        "resnet50" => 8_174_272_512.0,
+        "vgg16" => 30_932_336_640.0,
+        "vgg19" => 39_255_932_928.0,
+        _ => return None,
+    })
+}
+
 /// A measured FP32 peak.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Peak {

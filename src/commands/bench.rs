@@ -6,8 +6,8 @@
 //! slow spell of a busy machine hits all of them alike.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneOptions};
-use crate::bench::{self, ChildRun, FLOP_PER_IMAGE, Peak};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions};
+use crate::bench::{self, ChildRun, Peak};
 use crate::image_io::{self, DEFAULT_MAX_PIXELS};
 use crate::inputs;
 use anyhow::{Context, bail};
@@ -47,8 +47,13 @@ featurize` on the images, its own timing line) and the peers found in --peers \
 `bash bench/peers/setup.sh`; without it dltool runs alone.
 
 Prints images/s (median and range over the repeats), dltool's speed as a multiple of each \
-peer's, the peak RSS of the child, and GFLOP/s (11.4 GFLOP per image) against the FP32 peak \
-this machine reaches with an FMA loop on the same number of threads.")]
+peer's, the peak RSS of the child, and GFLOP/s (the network's FLOP per image up to its default \
+layer: 11.4 G for InceptionV3, tools/flop_counts.py) against the FP32 peak this machine \
+reaches with an FMA loop on the same number of threads.
+
+--backbone picks the network (default InceptionV3); its weights default to the shared ones \
+where ../shared has them, and its golden file likewise. The peers run InceptionV3 only: for \
+another network dltool runs alone.")]
 pub struct Args {
     /// Image folder, walked like `dltool featurize DIR` [default: $DLTOOL_SHARED/flowers,
     /// else ../shared/flowers].
@@ -77,13 +82,17 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
 
+    /// Network to measure [default: inception_v3].
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub backbone: Option<BackboneKind>,
+
     /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers need it
     /// in safetensors.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
     /// Golden net.safetensors (input -> pool) every tool checks its network against at
-    /// startup [default: $DLTOOL_SHARED/golden/inception_v3_tf2015/net.safetensors, if there].
+    /// startup [default: the network's in $DLTOOL_SHARED/golden, if there].
     #[arg(long, value_name = "FILE")]
     pub golden: Option<PathBuf>,
 
@@ -152,6 +161,7 @@ fn worker(args: &Args) -> anyhow::Result<Status> {
     super::set_threads(Some(threads));
 
     let opts = BackboneOptions {
+        kind: args.backbone,
         weights: args.weights.clone(),
         ..BackboneOptions::default()
     };
@@ -219,6 +229,30 @@ fn list_images(dir: &Path, n: usize) -> anyhow::Result<Vec<inputs::Input>> {
     }
     list.truncate(n);
     Ok(list)
+}
+
+/// The shared weight file and golden file of a network, relative to ../shared, where it has
+/// them.
+fn shared_files(network: &str) -> (Option<&'static str>, Option<&'static str>) {
+    match network {
+        "inception_v3" => (
+            Some("weights/inception_v3_tf2015.safetensors"),
+            Some("golden/inception_v3_tf2015/net.safetensors"),
+        ),
+        "mobilenet_v1" => (
+            Some("weights/mobilenet_v1_0.25_224/model.json"),
+            Some("golden/mobilenet_v1_0.25_224/net.safetensors"),
+        ),
+        "efficientnet_lite0" => (
+            Some("weights/efficientnet_lite0/efficientnet-lite0-57934424.pth"),
+            Some("golden/efficientnet_lite0/net.safetensors"),
+        ),
+        "efficientnet_lite2" => (
+            Some("weights/efficientnet_lite2/efficientnet-lite2-9656183e.pth"),
+            Some("golden/efficientnet_lite2/net.safetensors"),
+        ),
+        _ => (None, None),
+    }
 }
 
 /// The largest max |features - pool| the worker accepts before timing: the CPU engine stays
@@ -301,6 +335,7 @@ impl Drop for WorkDir {
 /// What the driver needs for every child.
 #[derive(Clone)]
 struct Setup {
+    backbone: &'static str,
     exe: PathBuf,
     images_dir: PathBuf,
     out_dir: PathBuf,
@@ -314,22 +349,24 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         .dir
         .clone()
         .unwrap_or_else(|| shared_dir().join("flowers"));
+    let spec = args
+        .backbone
+        .map_or_else(crate::backbones::default_spec, BackboneKind::spec);
+    let (shared_file, shared_golden) = shared_files(spec.name);
     // The benchmark is about the shared data set: its weights are the fallback.
-    let shared_weights = shared_dir().join("weights/inception_v3_tf2015.safetensors");
-    let weights = crate::weights::resolve_local(
-        args.weights.as_deref(),
-        crate::weights::INCEPTION_FILES,
-        "inception_v3_tf2015",
-    )
-    .or_else(|e| match args.weights {
-        None if shared_weights.is_file() => Ok(shared_weights),
-        _ => Err(e),
-    })
-    .map_err(anyhow::Error::msg)?;
+    let shared_weights = shared_file.map(|f| shared_dir().join(f));
+    let weights =
+        crate::weights::resolve_local(args.weights.as_deref(), spec.files, spec.registry_entry)
+            .or_else(|e| match (&args.weights, shared_weights) {
+                (None, Some(w)) if w.is_file() => Ok(w),
+                _ => Err(e),
+            })
+            .map_err(anyhow::Error::msg)?;
     let golden = match &args.golden {
         Some(g) if g.is_file() => Some(g.clone()),
         Some(g) => bail!("{}: golden file not found", g.display()),
-        None => Some(shared_dir().join("golden/inception_v3_tf2015/net.safetensors"))
+        None => shared_golden
+            .map(|g| shared_dir().join(g))
             .filter(|g| g.is_file()),
     };
     let list = list_images(&dir, args.images as usize)?;
@@ -340,6 +377,18 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             list.len()
         );
     }
+    // Loaded here once: a wrong file fails before any child runs, and its provenance (the
+    // width of a MobileNet) says which FLOP count applies.
+    let network = Backbone::load(
+        &BackboneOptions {
+            kind: Some(BackboneKind(spec)),
+            weights: Some(weights.clone()),
+            ..BackboneOptions::default()
+        },
+        Device::flex(),
+    )?;
+    let flop = bench::flop_per_image(&network.meta.backbone);
+    drop(network);
 
     // Every tool reads the same N files: a folder of links to them, walked by all alike.
     let work = WorkDir(std::env::temp_dir().join(format!(
@@ -363,6 +412,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         symlink(&target, &link).with_context(|| format!("{}: cannot link", link.display()))?;
     }
     let setup = Setup {
+        backbone: spec.name,
         exe: std::env::current_exe().context("cannot find the dltool executable")?,
         images_dir,
         out_dir,
@@ -371,7 +421,17 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         golden,
     };
 
-    let tools = find_tools(args);
+    let tools = if spec.name == crate::backbones::default_spec().name {
+        find_tools(args)
+    } else {
+        if !args.no_peers {
+            crate::note!(
+                "bench: the peers run InceptionV3 only; measuring {} with dltool alone",
+                spec.title
+            );
+        }
+        vec![Tool::Dltool]
+    };
     let mut threads: Vec<u32> = args.threads.clone();
     threads.sort_unstable();
     threads.dedup();
@@ -449,7 +509,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         }
     }
 
-    let rows = summarize(&configs, &tools, &samples, &peaks);
+    let rows = summarize(&configs, &tools, &samples, &peaks, flop);
     if args.json {
         let out = serde_json::json!({
             "cpu": bench::cpu_model(),
@@ -457,7 +517,9 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             "images": setup.images,
             "dir": dir,
             "repeat": args.repeat,
-            "flop_per_image": FLOP_PER_IMAGE,
+            "backbone": spec.name,
+            "weights": setup.weights,
+            "flop_per_image": flop,
             "peak_fp32": peaks.values().collect::<Vec<_>>(),
             "golden_max_abs_diff": golden_diffs,
             "rows": rows,
@@ -465,6 +527,8 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         crate::outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         print_table(
+            spec.title,
+            flop,
             &dir,
             setup.images,
             args.repeat,
@@ -541,6 +605,7 @@ fn run_once(
         (Tool::Dltool, Mode::Network) => {
             cmd = Command::new(&setup.exe);
             cmd.arg("bench").arg("--worker").arg("--mode=network");
+            cmd.arg(format!("--backbone={}", setup.backbone));
             cmd.arg(format!("--batch={batch}"))
                 .arg(format!("--threads={threads}"))
                 .arg(format!("--images={}", setup.images))
@@ -555,6 +620,7 @@ fn run_once(
         (Tool::Dltool, Mode::E2e) => {
             cmd = Command::new(&setup.exe);
             cmd.arg("featurize")
+                .arg(format!("--backbone={}", setup.backbone))
                 .arg(&setup.images_dir)
                 .arg("-o")
                 .arg(setup.out_dir.join("dltool.safetensors"))
@@ -676,7 +742,8 @@ struct Row {
     /// dltool's median over this tool's (None on dltool's own row).
     dltool_ratio: Option<f64>,
     peak_rss_mib: Option<f64>,
-    gflops: f64,
+    /// `None` for a network without a FLOP count.
+    gflops: Option<f64>,
     percent_of_peak: Option<f64>,
 }
 
@@ -685,6 +752,7 @@ fn summarize(
     tools: &[Tool],
     samples: &BTreeMap<(usize, usize), Vec<Sample>>,
     peaks: &BTreeMap<u32, Peak>,
+    flop_per_image: Option<f64>,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for (ci, &(mode, batch, threads)) in configs.iter().enumerate() {
@@ -700,7 +768,7 @@ fn summarize(
             };
             let rates: Vec<f64> = runs.iter().map(|s| s.img_per_s).collect();
             let median = bench::median(&rates);
-            let gflops = median * FLOP_PER_IMAGE / 1e9;
+            let gflops = flop_per_image.map(|f| median * f / 1e9);
             rows.push(Row {
                 mode,
                 batch,
@@ -715,7 +783,9 @@ fn summarize(
                 },
                 peak_rss_mib: runs.iter().filter_map(|s| s.peak_rss_mib).reduce(f64::max),
                 gflops,
-                percent_of_peak: peaks.get(&threads).map(|p| 100.0 * gflops / p.gflops),
+                percent_of_peak: gflops
+                    .zip(peaks.get(&threads))
+                    .map(|(g, p)| 100.0 * g / p.gflops),
                 runs: runs.clone(),
             });
         }
@@ -727,7 +797,10 @@ fn fmt_mib(mib: Option<f64>) -> String {
     mib.map_or_else(|| "?".to_string(), |m| format!("{m:.0} MiB"))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_table(
+    network: &str,
+    flop_per_image: Option<f64>,
     dir: &Path,
     images: usize,
     repeat: u32,
@@ -736,9 +809,14 @@ fn print_table(
     rows: &[Row],
 ) -> anyhow::Result<()> {
     crate::outln!(
-        "dltool bench: {images} image(s) of {}, {repeat} run(s) per tool and configuration",
+        "dltool bench: {network}, {images} image(s) of {}, {repeat} run(s) per tool and \
+         configuration",
         dir.display()
     )?;
+    match flop_per_image {
+        Some(f) => crate::outln!("{network}: {:.3} GFLOP per image", f / 1e9)?,
+        None => crate::outln!("{network}: no FLOP count (GFLOP/s not shown)")?,
+    }
     crate::outln!(
         "CPU: {} ({} logical cores)",
         bench::cpu_model().unwrap_or_else(|| "unknown".into()),
@@ -767,7 +845,7 @@ fn print_table(
     crate::outln!("|---|---:|---:|---|---:|---:|---:|---:|---:|")?;
     for r in rows {
         crate::outln!(
-            "| {} | {} | {} | {} | {:.2} ({:.2}-{:.2}) | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.2} ({:.2}-{:.2}) | {} | {} | {} | {} |",
             r.mode.name(),
             r.batch,
             r.threads,
@@ -778,7 +856,8 @@ fn print_table(
             r.dltool_ratio
                 .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
             fmt_mib(r.peak_rss_mib),
-            r.gflops,
+            r.gflops
+                .map_or_else(|| "-".to_string(), |g| format!("{g:.1}")),
             r.percent_of_peak
                 .map_or_else(|| "-".to_string(), |x| format!("{x:.1}%")),
         )?;
