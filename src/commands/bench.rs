@@ -106,6 +106,11 @@ pub struct Args {
     /// Internal: be the dltool network-only child (one mode, batch and thread count).
     #[arg(long, hide = true)]
     pub worker: bool,
+
+    /// With --weights MODEL.onnx: the model's preprocessing (and limits), as for featurize.
+    /// The peers are then ONNX Runtime alone, on the same file.
+    #[command(flatten)]
+    pub onnx: super::OnnxArgs,
 }
 
 /// What a child reports on its last stdout line (the peers print the same keys).
@@ -153,6 +158,7 @@ fn worker(args: &Args) -> anyhow::Result<Status> {
 
     let opts = BackboneOptions {
         weights: args.weights.clone(),
+        onnx: args.onnx.choice(),
         ..BackboneOptions::default()
     };
     let backbone = Backbone::load(&opts, Device::flex())?;
@@ -292,6 +298,58 @@ struct Setup {
     images: usize,
     weights: PathBuf,
     golden: Option<PathBuf>,
+    /// For an ONNX model: the flags that say how it is fed (to dltool's children) and the
+    /// resolved preprocessing (to the peers).
+    onnx: Option<OnnxSetup>,
+}
+
+#[derive(Clone)]
+struct OnnxSetup {
+    flags: Vec<String>,
+    spec: String,
+}
+
+/// The flags and preprocessing of `--weights MODEL.onnx` for the children.
+fn onnx_setup(args: &Args, weights: &Path) -> anyhow::Result<OnnxSetup> {
+    let choice = args.onnx.choice();
+    let model = crate::onnx_net::OnnxModel::open(weights, &choice.limits)?;
+    let (h, w) = model.resolve_size(choice.size)?;
+    let pre = choice
+        .preprocess
+        .resolve(w as u32, h as u32)
+        .with_context(|| {
+            format!(
+                "{}: say how the model's input is preprocessed with --preprocess PRESET",
+                weights.display()
+            )
+        })?;
+    let o = &args.onnx;
+    let mut flags = Vec::new();
+    if let Some(p) = o.preprocess {
+        flags.push(format!("--preprocess={}", p.name()));
+    }
+    if let Some(n) = o.size {
+        flags.push(format!("--size={n}"));
+    }
+    if let Some(r) = o.resize {
+        flags.push(format!("--resize={}", r.name()));
+    }
+    let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
+    if let Some(m) = o.mean {
+        flags.push(format!("--mean={}", triple(m)));
+    }
+    if let Some(s) = o.std {
+        flags.push(format!("--std={}", triple(s)));
+    }
+    flags.push(format!("--max-model-mb={}", o.limits.max_model_mb));
+    flags.push(format!(
+        "--max-optimize-secs={}",
+        o.limits.max_optimize_secs
+    ));
+    Ok(OnnxSetup {
+        flags,
+        spec: pre.spec(),
+    })
 }
 
 fn driver(args: &Args) -> anyhow::Result<Status> {
@@ -311,9 +369,16 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         _ => Err(e),
     })
     .map_err(anyhow::Error::msg)?;
+    let onnx = if crate::backbones::onnx::is_onnx_path(&weights) {
+        Some(onnx_setup(args, &weights)?)
+    } else {
+        None
+    };
     let golden = match &args.golden {
         Some(g) if g.is_file() => Some(g.clone()),
         Some(g) => bail!("{}: golden file not found", g.display()),
+        // InceptionV3's golden is no check of another model.
+        None if onnx.is_some() => None,
         None => Some(shared_dir().join("golden/inception_v3_tf2015/net.safetensors"))
             .filter(|g| g.is_file()),
     };
@@ -354,9 +419,10 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         images: list.len(),
         weights,
         golden,
+        onnx,
     };
 
-    let tools = find_tools(args);
+    let tools = find_tools(args, setup.onnx.is_some());
     let mut threads: Vec<u32> = args.threads.clone();
     threads.sort_unstable();
     threads.dedup();
@@ -434,7 +500,8 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         }
     }
 
-    let rows = summarize(&configs, &tools, &samples, &peaks);
+    let flop_per_image = setup.onnx.is_none().then_some(FLOP_PER_IMAGE);
+    let rows = summarize(&configs, &tools, &samples, &peaks, flop_per_image);
     if args.json {
         let out = serde_json::json!({
             "cpu": bench::cpu_model(),
@@ -442,7 +509,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             "images": setup.images,
             "dir": dir,
             "repeat": args.repeat,
-            "flop_per_image": FLOP_PER_IMAGE,
+            "flop_per_image": flop_per_image,
             "peak_fp32": peaks.values().collect::<Vec<_>>(),
             "golden_max_abs_diff": golden_diffs,
             "rows": rows,
@@ -472,7 +539,7 @@ fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
 }
 
 /// dltool, then each peer script present when a Python for it is.
-fn find_tools(args: &Args) -> Vec<Tool> {
+fn find_tools(args: &Args, onnx: bool) -> Vec<Tool> {
     let mut tools = vec![Tool::Dltool];
     if args.no_peers {
         return tools;
@@ -499,6 +566,10 @@ fn find_tools(args: &Args) -> Vec<Tool> {
         return tools;
     }
     for (name, file) in [("torch", "torch_peer.py"), ("onnxruntime", "ort_peer.py")] {
+        // torch_peer builds InceptionV3; an ONNX model runs on ONNX Runtime only.
+        if onnx && name == "torch" {
+            continue;
+        }
         let script = peers.join(file);
         if script.is_file() {
             tools.push(Tool::Peer {
@@ -536,6 +607,9 @@ fn run_once(
             if let Some(g) = &setup.golden {
                 cmd.arg("--golden").arg(g);
             }
+            if let Some(o) = &setup.onnx {
+                cmd.args(&o.flags);
+            }
         }
         (Tool::Dltool, Mode::E2e) => {
             cmd = Command::new(&setup.exe);
@@ -547,6 +621,9 @@ fn run_once(
                 .arg(format!("--threads={threads}"))
                 .arg("--weights")
                 .arg(&setup.weights);
+            if let Some(o) = &setup.onnx {
+                cmd.args(&o.flags);
+            }
         }
         (
             Tool::Peer {
@@ -568,6 +645,9 @@ fn run_once(
                 .arg(&setup.weights)
                 .arg("--out")
                 .arg(setup.out_dir.join(format!("{name}.npy")));
+            if let Some(o) = &setup.onnx {
+                cmd.arg(format!("--preprocess={}", o.spec));
+            }
             if let Some(g) = &setup.golden {
                 cmd.arg("--golden").arg(g);
             }
@@ -661,7 +741,8 @@ struct Row {
     /// dltool's median over this tool's (None on dltool's own row).
     dltool_ratio: Option<f64>,
     peak_rss_mib: Option<f64>,
-    gflops: f64,
+    /// `None` for an ONNX model, whose FLOP count dltool does not know.
+    gflops: Option<f64>,
     percent_of_peak: Option<f64>,
 }
 
@@ -670,6 +751,7 @@ fn summarize(
     tools: &[Tool],
     samples: &BTreeMap<(usize, usize), Vec<Sample>>,
     peaks: &BTreeMap<u32, Peak>,
+    flop_per_image: Option<f64>,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for (ci, &(mode, batch, threads)) in configs.iter().enumerate() {
@@ -685,7 +767,7 @@ fn summarize(
             };
             let rates: Vec<f64> = runs.iter().map(|s| s.img_per_s).collect();
             let median = bench::median(&rates);
-            let gflops = median * FLOP_PER_IMAGE / 1e9;
+            let gflops = flop_per_image.map(|f| median * f / 1e9);
             rows.push(Row {
                 mode,
                 batch,
@@ -700,7 +782,9 @@ fn summarize(
                 },
                 peak_rss_mib: runs.iter().filter_map(|s| s.peak_rss_mib).reduce(f64::max),
                 gflops,
-                percent_of_peak: peaks.get(&threads).map(|p| 100.0 * gflops / p.gflops),
+                percent_of_peak: gflops
+                    .zip(peaks.get(&threads))
+                    .map(|(g, p)| 100.0 * g / p.gflops),
                 runs: runs.clone(),
             });
         }
@@ -750,7 +834,7 @@ fn print_table(
     println!("|---|---:|---:|---|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {:.2} ({:.2}-{:.2}) | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.2} ({:.2}-{:.2}) | {} | {} | {} | {} |",
             r.mode.name(),
             r.batch,
             r.threads,
@@ -761,7 +845,8 @@ fn print_table(
             r.dltool_ratio
                 .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
             fmt_mib(r.peak_rss_mib),
-            r.gflops,
+            r.gflops
+                .map_or_else(|| "-".to_string(), |g| format!("{g:.1}")),
             r.percent_of_peak
                 .map_or_else(|| "-".to_string(), |x| format!("{x:.1}%")),
         );

@@ -23,6 +23,8 @@ fields. Rows are written as soon as they are ready, in input order.
 
 Images go through the head's own backbone (layer, pooling, test-time augmentation, \
 preprocessing recorded in the head); weights whose SHA-256 differs from the head's are refused. \
+For a head trained on an ONNX model's features, the model is --weights MODEL.onnx or, without \
+it, the model imported (`dltool weights import`) whose SHA-256 is the head's. \
 With --features, features made with another backbone, layer, pooling or --tta than the head's \
 are refused.")]
 pub struct Args {
@@ -56,6 +58,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub run: super::NetworkArgs,
+
+    #[command(flatten)]
+    pub onnx_limits: super::OnnxLimitArgs,
 
     /// No progress bar and no summary.
     #[arg(short, long)]
@@ -222,13 +227,41 @@ fn predict_images(
             );
         }
     }
+    let is_onnx = std::ptr::eq(kind.spec(), &crate::backbones::onnx::SPEC);
+    let (weights, onnx) = if is_onnx {
+        // The model the head was trained on: --weights, else the imported model with its hash.
+        let weights = match &args.weights {
+            Some(w) => w.clone(),
+            None => crate::backbones::onnx::find_by_sha256(&p.weights_sha256).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: the head was trained on features of an ONNX model (SHA-256 {}): pass \
+                     that model with --weights MODEL.onnx, or import it once with `dltool \
+                     weights import MODEL.onnx --name NAME`",
+                    args.head.display(),
+                    p.weights_sha256
+                )
+            })?,
+        };
+        let pre = crate::backbone::preprocess_of(&p.backbone).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: unreadable ONNX preprocessing in its provenance '{}'",
+                args.head.display(),
+                p.backbone
+            )
+        })?;
+        let choice = crate::onnx_net::OnnxChoice::exactly(&pre, args.onnx_limits.limits());
+        (Some(weights), choice)
+    } else {
+        (args.weights.clone(), crate::onnx_net::OnnxChoice::default())
+    };
     let opts = BackboneOptions {
         kind: Some(kind),
-        weights: args.weights.clone(),
+        weights,
         variant: None,
         layer: Some(p.layer.clone()),
         pool,
         tta,
+        onnx,
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;
