@@ -166,8 +166,11 @@ pub struct Spec {
     pub registry_entry: &'static str,
     /// Has a burn model (so runs on `--device wgpu` too); false: the CPU engine only.
     pub gpu: bool,
-    pub load: fn(&Path, &LoadOptions) -> Result<Box<dyn Network>, LoadError>,
+    pub load: Loader,
 }
+
+/// Reads a weight file into a ready network (BatchNorm folded, f32, finite).
+pub type Loader = fn(&Path, &LoadOptions) -> Result<Box<dyn Network>, LoadError>;
 
 impl std::fmt::Debug for Spec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
