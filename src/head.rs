@@ -266,10 +266,9 @@ impl Head {
     pub fn load(path: &Path) -> Result<Head, String> {
         let err = |e: &str| format!("{}: {e}", path.display());
         let bytes = std::fs::read(path).map_err(|e| err(&e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(&format!("not a dltool head file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| err(&format!("not a dltool head file ({e})")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(&not_a_head(&e)))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(&not_a_head(&e)))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| -> Result<&String, String> {
             meta.get(k)
@@ -552,6 +551,25 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect()
+}
+
+/// Why bytes are not a head file, in a user's words: safetensors' own names for a cut or
+/// foreign file (`HeaderTooLarge`, `MetadataIncompleteBuffer`) say nothing to them.
+fn not_a_head(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooLarge
+        | E::HeaderTooSmall
+        | E::InvalidHeaderLength
+        | E::InvalidHeader
+        | E::InvalidHeaderStart
+        | E::InvalidHeaderDeserialization
+        | E::MetadataIncompleteBuffer
+        | E::InvalidOffset(_)
+        | E::TensorInvalidInfo
+        | E::ValidationOverflow => "truncated or not a dltool head file".to_string(),
+        other => format!("not a dltool head file ({other})"),
+    }
 }
 
 #[cfg(test)]

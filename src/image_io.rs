@@ -479,6 +479,10 @@ fn decode_known(
     }
     // Unreadable EXIF must not cost the image: PIL ignores orientation entirely.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // The decoded buffer and its 8-bit RGB copy are alive together. The budget is shared by
+    // every decoding thread: a 13000x13000 16-bit PNG under the pixel limit takes ~1.5 GB,
+    // and four threads must not take four times that.
+    let _held = DECODE_MEMORY.acquire(needed.saturating_add(pixels.saturating_mul(3)), budget);
     let decoded = DynamicImage::from_decoder(decoder).map_err(fail)?;
 
     // Convert before reorienting: rotating 3 bytes per pixel is cheaper than 8 or 16.
@@ -489,6 +493,75 @@ fn decode_known(
     let mut oriented = DynamicImage::ImageRgb8(rgb);
     oriented.apply_orientation(orientation);
     Ok(oriented.into_rgb8())
+}
+
+/// Bytes of decoder memory in use across threads; a decode waits until its bytes fit under
+/// its budget (the per-image allowance), or until it is the only one (an image within the
+/// limits always decodes, one at a time at worst).
+pub struct MemoryBudget {
+    in_use: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+static DECODE_MEMORY: MemoryBudget = MemoryBudget::new();
+
+/// Bytes reserved from a [`MemoryBudget`], given back when dropped (also on a decoder panic).
+pub struct Reservation<'a> {
+    budget: &'a MemoryBudget,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub const fn new() -> MemoryBudget {
+        MemoryBudget {
+            in_use: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit under `limit` with what others hold (or nothing is held).
+    pub fn acquire(&self, bytes: u64, limit: u64) -> Reservation<'_> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        while *in_use > 0 && in_use.saturating_add(bytes) > limit {
+            in_use = self.freed.wait(in_use).unwrap_or_else(|e| e.into_inner());
+        }
+        *in_use += bytes;
+        Reservation {
+            budget: self,
+            bytes,
+        }
+    }
+
+    /// [`Self::acquire`] without waiting: `None` when it would wait.
+    pub fn try_acquire(&self, bytes: u64, limit: u64) -> Option<Reservation<'_>> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        if *in_use > 0 && in_use.saturating_add(bytes) > limit {
+            return None;
+        }
+        *in_use += bytes;
+        Some(Reservation {
+            budget: self,
+            bytes,
+        })
+    }
+
+    pub fn in_use(&self) -> u64 {
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self.budget.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        *in_use -= self.bytes;
+        self.budget.freed.notify_all();
+    }
 }
 
 fn decoder_limits(max_pixels: u64, budget: u64) -> Limits {
@@ -658,6 +731,34 @@ fn resize_rgb8_into(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decode_memory_is_one_budget_across_threads() {
+        let budget = super::MemoryBudget::new();
+        let gb = 1u64 << 30;
+        let first = budget.acquire(gb, 2 * gb);
+        // A second large decode would pass its own per-image limit but not the shared one.
+        assert!(budget.try_acquire(gb + 1, 2 * gb).is_none());
+        let small = budget
+            .try_acquire(gb / 2, 2 * gb)
+            .expect("fits beside the first");
+        assert_eq!(budget.in_use(), gb + gb / 2);
+        // One waiting thread goes on as soon as the others give their bytes back.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let r = budget.acquire(gb + 1, 2 * gb);
+                budget.in_use() > gb && r.bytes == gb + 1
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "did not wait for the budget");
+            drop(first);
+            drop(small);
+            assert!(waiter.join().unwrap());
+        });
+        assert_eq!(budget.in_use(), 0);
+        // An image larger than the budget still decodes when it is alone.
+        drop(budget.try_acquire(3 * gb, 2 * gb).expect("alone, it goes"));
+    }
+
     use super::*;
     use image::codecs::jpeg::JpegEncoder;
     use image::{GrayAlphaImage, GrayImage, ImageBuffer, Rgb, RgbaImage};
