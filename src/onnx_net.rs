@@ -19,6 +19,7 @@ use std::time::Duration;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt, ShapeFactoid};
+use tract_onnx::tract_hir::internal::DimLike;
 
 /// Default of `--max-model-mb`: the model file plus its external data.
 pub const DEFAULT_MAX_MODEL_MB: u64 = 4096;
@@ -964,7 +965,8 @@ impl OnnxNet {
         };
         let tensor = Tensor::from_shape(&shape, &data).map_err(engine)?;
         let outputs = self.plan.run(tvec![tensor.into_tvalue()]).map_err(engine)?;
-        let out = outputs[0].as_slice::<f32>().map_err(engine)?;
+        let view = outputs[0].try_as_plain_ram().map_err(engine)?;
+        let out = view.as_slice::<f32>().map_err(engine)?;
         if out.len() != batch * self.output_len() {
             return Err(OnnxError::Engine {
                 path: display(&self.path),

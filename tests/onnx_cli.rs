@@ -167,53 +167,13 @@ fn lite0() -> PathBuf {
     shared("models/efficientnet_lite0_pool.onnx")
 }
 
+/// The ONNX export of EfficientNet-Lite0 through `featurize` on the 20 pipeline images: its
+/// provenance, agreement with the PyTorch pipeline (PIL's resize), and agreement with the
+/// built-in EfficientNet-Lite0 on the same weights (same decode and resize, two engines). One
+/// featurize of each, shared by the three checks.
 #[test]
-fn featurize_with_the_lite0_onnx_matches_the_reference_pipeline() {
+fn featurize_with_the_lite0_onnx_matches_the_pipeline_and_the_built_in_lite0() {
     let (images, reference) = golden_flowers();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f.safetensors");
-    ok(dltool()
-        .args([
-            "featurize",
-            "--quiet",
-            "--preprocess",
-            "efficientnet",
-            "--weights",
-        ])
-        .arg(lite0())
-        .arg("-o")
-        .arg(&out)
-        .args(&images));
-    let table = dltool::features::read_features(&out).unwrap();
-    assert_eq!((table.len(), table.dim), (20, 1280));
-    let meta = table.meta.as_ref().expect("provenance");
-    assert_eq!(
-        meta.backbone,
-        "onnx/224x224_stretch_RGB_mean127,127,127_std128,128,128"
-    );
-    assert_eq!(
-        meta.weights_sha256,
-        "0268237358415e1a8e3dc7fd25e8cefd9fedeb093d8ffc48582b1e84958438a3"
-    );
-    assert_eq!(meta.layer, "pool");
-    // PIL's resize and dltool's differ by a few levels on some pixels: cosine, not equality.
-    let worst = (0..20)
-        .map(|i| cosine(table.row(i), &reference[i * 1280..(i + 1) * 1280]))
-        .fold(1.0f64, f64::min);
-    eprintln!("worst cosine vs the PyTorch pipeline: {worst:.6}");
-    assert!(worst >= 0.995, "worst cosine {worst}");
-}
-
-/// The built-in EfficientNet-Lite0 (the effnet branch) and the ONNX export of the same weights
-/// give the same features on the 20 pipeline images.
-#[test]
-#[ignore = "needs the built-in EfficientNet-Lite0 network; run with --ignored once it is in the table"]
-fn lite0_onnx_agrees_with_the_built_in_lite0() {
-    let spec = dltool::backbones::NETWORKS
-        .iter()
-        .find(|s| s.name.starts_with("efficientnet_lite"))
-        .expect("a built-in EfficientNet-Lite network in dltool::backbones::NETWORKS");
-    let (images, _) = golden_flowers();
     let dir = tempfile::tempdir().unwrap();
     let featurize = |name: &str, args: &[&std::ffi::OsStr]| {
         let out = dir.path().join(name);
@@ -233,12 +193,30 @@ fn lite0_onnx_agrees_with_the_built_in_lite0() {
             lite0().as_os_str(),
         ],
     );
+    assert_eq!((onnx.len(), onnx.dim), (20, 1280));
+    let meta = onnx.meta.as_ref().expect("provenance");
+    assert_eq!(
+        meta.backbone,
+        "onnx/224x224_stretch_RGB_mean127,127,127_std128,128,128"
+    );
+    assert_eq!(
+        meta.weights_sha256,
+        "0268237358415e1a8e3dc7fd25e8cefd9fedeb093d8ffc48582b1e84958438a3"
+    );
+    assert_eq!(meta.layer, "pool");
+    // PIL's resize and dltool's differ by a few levels on some pixels: cosine, not equality.
+    let worst = (0..20)
+        .map(|i| cosine(onnx.row(i), &reference[i * 1280..(i + 1) * 1280]))
+        .fold(1.0f64, f64::min);
+    eprintln!("worst cosine, ONNX vs the PyTorch pipeline: {worst:.6}");
+    assert!(worst >= 0.999, "worst cosine {worst}");
+
     let weights = shared("weights/efficientnet_lite0/efficientnet-lite0-57934424.pth");
     let builtin = featurize(
         "builtin.safetensors",
         &[
             "--backbone".as_ref(),
-            spec.name.as_ref(),
+            "efficientnet_lite0".as_ref(),
             "--weights".as_ref(),
             weights.as_os_str(),
         ],

@@ -61,7 +61,7 @@ pub struct NetworkChoice {
 
 /// How an ONNX model (`--weights MODEL.onnx`) is fed and what it may cost: part of
 /// [`NetworkChoice`].
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 #[command(next_help_heading = "ONNX models (--weights MODEL.onnx)")]
 pub struct OnnxArgs {
     /// Input preprocessing of the model's family: inception (stretch, (x-127.5)/127.5),
@@ -90,19 +90,6 @@ pub struct OnnxArgs {
 
     #[command(flatten)]
     pub limits: OnnxLimitArgs,
-}
-
-impl Default for OnnxArgs {
-    fn default() -> Self {
-        OnnxArgs {
-            preprocess: None,
-            size: None,
-            resize: None,
-            mean: None,
-            std: None,
-            limits: OnnxLimitArgs::default(),
-        }
-    }
 }
 
 impl OnnxArgs {

@@ -319,6 +319,15 @@ fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
             args.head.display()
         );
     };
+    if crate::backbones::onnx::is_onnx_path(weights) {
+        bail!(
+            "{}: the head was trained on CSV features of unknown provenance, so the \
+             preprocessing {} was fed with is unknown: featurize to safetensors or Parquet \
+             (which record it) and train the head on those",
+            args.head.display(),
+            weights.display()
+        );
+    }
     let p = &head.provenance;
     let bad = |e: String| anyhow::anyhow!("{}: {e}", args.head.display());
     let pool: Pool = if p.pool.is_empty() {
@@ -338,6 +347,7 @@ fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
         layer: None,
         pool,
         tta,
+        onnx: crate::onnx_net::OnnxChoice::default(),
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;
