@@ -84,6 +84,10 @@ fn inspect_of_a_symbolic_model_needs_size_and_lists_built_ins() {
 
     let out = ok(dltool().args(["inspect", "inception_v3"]));
     assert!(out.contains("mixed_7c  2048x8x8"), "{out}");
+    let out = ok(dltool().args(["inspect", "efficientnet_lite0"]));
+    assert!(out.contains("input: 224x224"), "{out}");
+    assert!(out.contains("default head"), "{out}");
+    assert!(out.contains("head  1280x7x7"), "{out}");
     let line = refused(dltool().args(["inspect", "resnet9"]));
     assert!(line.contains("not a built-in network"), "{line}");
 }
@@ -284,6 +288,18 @@ fn the_chain_records_the_model_and_predict_refuses_another() {
         .arg(&feats)
         .arg("-o")
         .arg(&head));
+    // The head records the model file's SHA-256, the node and the whole preprocessing.
+    let trained = dltool::head::Head::load(&head).unwrap();
+    let vit_sha = dltool::weights::sha256_file(&vit).unwrap();
+    assert_eq!(trained.provenance.weights_sha256, vit_sha);
+    assert_eq!(trained.provenance.layer, "tokens");
+    assert_eq!(trained.provenance.backbone, meta.backbone);
+    let pre = trained
+        .preprocess
+        .expect("the head records its preprocessing");
+    assert_eq!((pre.width, pre.height), (32, 32));
+    assert_eq!(pre.resize, dltool::image_io::Resize::Crop);
+    assert_eq!(pre.mean, [123.675, 116.28, 103.53]);
 
     // The same model: predictions for every image.
     let csv = ok(dltool()
@@ -333,6 +349,36 @@ fn the_chain_records_the_model_and_predict_refuses_another() {
         .arg(&head)
         .arg(&imgs));
     assert_eq!(again, csv);
+    // By the name it was imported as.
+    let by_cache_name = ok(dltool()
+        .env("DLTOOL_HOME", &home)
+        .args(["predict", "--quiet"])
+        .arg(&head)
+        .arg(&imgs)
+        .args(["--weights", "vit"]));
+    assert_eq!(by_cache_name, csv);
+    // Another model imported under another name is refused by name too.
+    ok(dltool()
+        .env("DLTOOL_HOME", &home)
+        .args(["weights", "import", "--name", "other"])
+        .arg(&other));
+    let line = refused(
+        dltool()
+            .env("DLTOOL_HOME", &home)
+            .args(["predict", "--quiet"])
+            .arg(&head)
+            .arg(&imgs)
+            .args(["--weights", "other"]),
+    );
+    assert!(line.contains("SHA-256"), "{line}");
+    // A different model under a name already taken is refused, not overwritten.
+    let line = refused(
+        dltool()
+            .env("DLTOOL_HOME", &home)
+            .args(["weights", "import", "--name", "vit"])
+            .arg(&other),
+    );
+    assert!(line.contains("already imported as 'vit'"), "{line}");
     // And by name, for featurize.
     let by_name = ok(dltool()
         .env("DLTOOL_HOME", &home)
