@@ -324,6 +324,16 @@ fn the_chain_records_the_model_and_predict_refuses_another() {
             .arg(&other),
     );
     assert!(line.contains("SHA-256"), "{line}");
+    // A model of another input size: still refused for being another model, before loading.
+    let line = refused(
+        dltool()
+            .args(["predict", "--quiet"])
+            .arg(&head)
+            .arg(&imgs)
+            .arg("--weights")
+            .arg(lite0()),
+    );
+    assert!(line.contains("SHA-256"), "{line}");
 
     // Without --weights: refused until the model is imported, then found by its hash.
     let home = tmp.path().join("home");

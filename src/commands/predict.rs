@@ -273,6 +273,28 @@ fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<Backbone> 
                 )
             })?,
         };
+        // Another model is refused by its hash before it is loaded: loading it with the head's
+        // preprocessing could fail first on something that hides the real mismatch (its size).
+        let file = if weights.exists() {
+            Some(weights.clone())
+        } else {
+            weights
+                .to_str()
+                .and_then(crate::backbones::onnx::find_by_name)
+        };
+        if let Some(file) = file.filter(|_| !p.weights_sha256.is_empty()) {
+            let sha = crate::weights::sha256_file(&file)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+            if sha != p.weights_sha256 {
+                bail!(
+                    "{}: the head was trained on features of an ONNX model with SHA-256 {}, but \
+                     {} has {sha}: pass the same model with --weights",
+                    args.head.display(),
+                    p.weights_sha256,
+                    file.display()
+                );
+            }
+        }
         let pre = crate::backbone::preprocess_of(&p.backbone).ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: unreadable ONNX preprocessing in its provenance '{}'",
