@@ -18,26 +18,8 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// A fixture's safetensors (input and ONNX Runtime's outputs), read in place.
-fn fixture_tensors(name: &str) -> safetensors_owned::Owned {
-    safetensors_owned::Owned(std::fs::read(fixture(name)).unwrap())
-}
-
-mod safetensors_owned {
-    pub struct Owned(pub Vec<u8>);
-    impl Owned {
-        pub fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-            let st = safetensors::SafeTensors::deserialize(&self.0).expect("fixture parses");
-            let t = st
-                .tensor(name)
-                .unwrap_or_else(|_| panic!("fixture tensor {name} missing"));
-            let data = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (t.shape().to_vec(), data)
-        }
-    }
+fn fixture_tensors(name: &str) -> Golden {
+    Golden::read(&fixture(name))
 }
 
 /// NHWC images back to CHW, which is what OnnxNet takes whatever the model's layout.
