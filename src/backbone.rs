@@ -99,6 +99,8 @@ pub struct BackboneOptions {
     pub layer: Option<String>,
     pub pool: Pool,
     pub tta: Tta,
+    /// For an ONNX model: its preprocessing, input size and limits.
+    pub onnx: crate::onnx_net::OnnxChoice,
 }
 
 impl Default for BackboneOptions {
@@ -110,6 +112,7 @@ impl Default for BackboneOptions {
             layer: None,
             pool: Pool::Avg,
             tta: Tta::None,
+            onnx: crate::onnx_net::OnnxChoice::default(),
         }
     }
 }
@@ -132,6 +135,20 @@ impl Backbone {
     /// Finds the weights (`--weights`, `$DLTOOL_WEIGHTS`, `assets/weights/`, the cache) and
     /// loads them.
     pub fn load(opts: &BackboneOptions, device: Device) -> anyhow::Result<Self> {
+        let onnx = &crate::backbones::onnx::SPEC;
+        // `--weights NAME` of a model imported with `dltool weights import MODEL.onnx`.
+        if let Some(w) = opts.weights.as_deref().filter(|w| !w.exists())
+            && let Some(found) = w.to_str().and_then(crate::backbones::onnx::find_by_name)
+        {
+            let kind = opts.kind.unwrap_or(BackboneKind(onnx));
+            return Self::load_file(&found, kind, opts, device);
+        }
+        if opts.weights.is_none() && opts.kind.is_some_and(|k| std::ptr::eq(k.spec(), onnx)) {
+            anyhow::bail!(
+                "--backbone onnx needs --weights MODEL.onnx (a file, or a name given to `dltool \
+                 weights import`)"
+            );
+        }
         let wanted = opts
             .kind
             .map(BackboneKind::spec)
@@ -180,12 +197,11 @@ impl Backbone {
             &LoadOptions {
                 device: &device,
                 variant: opts.variant.as_deref(),
+                layer: opts.layer.as_deref(),
+                onnx: Some(&opts.onnx),
             },
         )?;
-        let layer = opts
-            .layer
-            .clone()
-            .unwrap_or_else(|| spec.default_layer.to_string());
+        let layer = opts.layer.clone().unwrap_or_else(|| net.default_layer());
         let shape = net.layer_shape(&layer).ok_or_else(|| {
             anyhow::anyhow!(
                 "--layer {layer}: {} has no such layer (it has {})",

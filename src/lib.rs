@@ -53,6 +53,7 @@ pub mod labels;
 pub mod logistic;
 pub mod metrics;
 pub mod mlp;
+pub mod onnx_net;
 pub mod registry;
 pub mod split;
 pub mod tune;

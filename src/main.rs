@@ -34,6 +34,9 @@ enum Command {
     Classify(commands::classify::Args),
     /// Known pretrained weights: list, fetch, import, verify, path.
     Weights(commands::weights::Args),
+    /// Layers a network offers for features, with shapes: an ONNX file's nodes, or a built-in
+    /// network's layers.
+    Inspect(commands::inspect::Args),
     /// Speed side by side with PyTorch and ONNX Runtime: images/s, peak RSS, GFLOP/s.
     Bench(commands::bench::Args),
     /// This build and machine: version, features, CPU paths, threads, GPUs, weights cache.
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => commands::classify::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
         Command::Info(args) => commands::info::run(args),
         Command::Completions(args) => commands::completions::run(args, Cli::command()),
         Command::Man(args) => commands::man::run(args, Cli::command()),

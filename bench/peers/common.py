@@ -32,7 +32,14 @@ def parse_args(description):
     p.add_argument("--weights", required=True, help="inception_v3_tf2015.safetensors")
     p.add_argument("--golden", help="golden net.safetensors (input -> pool) to check the network against")
     p.add_argument("--out", help="e2e: features .npy to write [default: a temporary file, removed]")
+    p.add_argument(
+        "--preprocess",
+        help="dltool's preprocessing spec (WxH_stretch|crop_RGB|BGR_meanA,B,C_stdA,B,C) "
+        "[default: InceptionV3's, 299x299 stretched, x/128 - 1]",
+    )
     args = p.parse_args()
+    if args.preprocess:
+        set_preprocess(args.preprocess)
     for name in ("batch", "threads", "images"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -61,13 +68,51 @@ def list_images(root):
     return out
 
 
+# What load_image makes of an image; --preprocess replaces it (an ONNX model's preset).
+PRE = {"size": (SIZE, SIZE), "crop": False, "bgr": False, "mean": None, "std": None}
+
+
+def set_preprocess(spec):
+    """Reads dltool's `Preprocess::spec()` string."""
+    try:
+        size, resize, channels, mean, std = spec.split("_")
+        w, h = (int(v) for v in size.split("x"))
+        PRE["size"] = (w, h)
+        PRE["crop"] = resize == "crop"
+        PRE["bgr"] = channels == "BGR"
+        PRE["mean"] = np.array([float(v) for v in mean[len("mean"):].split(",")], dtype=np.float32)
+        PRE["std"] = np.array([float(v) for v in std[len("std"):].split(",")], dtype=np.float32)
+    except ValueError:
+        sys.exit(f"--preprocess {spec}: not a dltool preprocessing spec")
+
+
 def load_image(path):
-    """Decode, apply EXIF orientation, RGB, bilinear resize straight to 299x299 (PIL's
-    antialiased filter, the golden pipeline's), x/128 - 1, CHW float32."""
+    """Decode, apply EXIF orientation, RGB, bilinear resize (PIL's antialiased filter, the golden
+    pipeline's) straight to 299x299, x/128 - 1, CHW float32; or what --preprocess says, with
+    torchvision's Resize(size / 0.875) + CenterCrop(size) for a crop."""
+    w, h = PRE["size"]
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
-    x = np.asarray(im, dtype=np.float32) / np.float32(128.0) - np.float32(1.0)
-    return x.transpose(2, 0, 1)
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        if PRE["crop"]:
+            rw, rh = int(w / 0.875), int(h / 0.875)
+            sw, sh = im.size
+            if rw * sh >= rh * sw:
+                nw, nh = rw, max(rh, sh * rw // sw)
+            else:
+                nw, nh = max(rw, sw * rh // sh), rh
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = int(round((nw - w) / 2.0)), int(round((nh - h) / 2.0))
+            im = im.crop((left, top, left + w, top + h))
+        else:
+            im = im.resize((w, h), Image.BILINEAR)
+    x = np.asarray(im, dtype=np.float32)
+    if PRE["mean"] is None:
+        x = x / np.float32(128.0) - np.float32(1.0)
+    else:
+        if PRE["bgr"]:
+            x = x[:, :, ::-1]
+        x = (x - PRE["mean"]) / PRE["std"]
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
 def batches(items, size):

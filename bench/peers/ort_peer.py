@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """ONNX Runtime peer of `dltool featurize`: torch_peer.py's module exported to ONNX once (cached
-by the weights' SHA-256), then run on the CPU provider with intra_op_num_threads = --threads,
+by the weights' SHA-256), or the --weights MODEL.onnx file itself, then run on the CPU provider with intra_op_num_threads = --threads,
 inter_op 1, sequential execution, every graph optimisation and no spin-waiting.
 
 torch is imported only when the cached model is missing, so a timed run's memory is
@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import onnxruntime as ort
 
 import common
@@ -33,6 +34,9 @@ def sha256(path):
 
 
 def exported_model(weights):
+    # An ONNX model (`dltool bench --weights MODEL.onnx`) runs as it is.
+    if weights.endswith(".onnx"):
+        return weights
     path = os.path.join(cache_dir(), f"inception_v3_tf2015-{sha256(weights)[:16]}-opset{OPSET}.onnx")
     if os.path.isfile(path):
         return path
@@ -76,9 +80,14 @@ def main():
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    # An NHWC model ([N, H, W, 3]) gets the CHW batches transposed, as dltool does.
+    nhwc = len(session.get_inputs()[0].shape) == 4 and session.get_inputs()[0].shape[3] == 3
+    output = session.get_outputs()[0].name
 
     def forward(x):
-        return session.run(None, {name: x})[0]
+        if nhwc:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        return session.run([output], {name: x})[0]
 
     common.main("onnxruntime", ort.__version__, args, forward)
 

@@ -12,6 +12,7 @@
 pub mod efficientnet_lite;
 pub mod inception_v3;
 pub mod mobilenet_v1;
+pub mod onnx;
 pub mod resnet;
 pub mod state_dict;
 pub mod torchvision;
@@ -60,6 +61,11 @@ pub struct LoadOptions<'a> {
     /// `--variant`, for networks that have variants the file may not say (InceptionV3's block
     /// layout); a network without variants refuses one.
     pub variant: Option<&'a str>,
+    /// `--layer`, for networks cut at the layer when loading (an ONNX graph); the others load
+    /// whole and ignore it.
+    pub layer: Option<&'a str>,
+    /// How an ONNX model is fed and its limits; the built-in networks ignore it.
+    pub onnx: Option<&'a crate::onnx_net::OnnxChoice>,
 }
 
 /// A loaded network, as the rest of dltool uses it. Pixels are preprocessed images laid back to
@@ -80,6 +86,12 @@ pub trait Network {
 
     /// The output of `layer` for one image; `None` when the network has no such layer.
     fn layer_shape(&self, layer: &str) -> Option<LayerShape>;
+
+    /// The layer read when the user names none: the spec's, or what this file says (an ONNX
+    /// model's first output).
+    fn default_layer(&self) -> String {
+        self.spec().default_layer.to_string()
+    }
 
     /// Features of `n` images at `layer` (one [`Network::layers`] has), pooled: `n * dim`
     /// floats, row-major, unpooled maps channel-major (`c * H * W + h * W + w`).
@@ -185,6 +197,7 @@ pub static NETWORKS: &[&Spec] = &[
     &resnet::SPEC,
     &vgg::VGG16_SPEC,
     &vgg::VGG19_SPEC,
+    &onnx::SPEC,
 ];
 
 /// The default network (InceptionV3).
@@ -227,12 +240,29 @@ pub fn recognise(index: &WeightIndex) -> Option<&'static Spec> {
 /// manifest); `None` when no network recognises it (the default's loader then says what is
 /// wrong with it). A path that cannot be read gives `None` too: loading reports it.
 pub fn of_weights(path: &Path) -> Option<&'static Spec> {
+    if onnx::is_onnx_path(path) {
+        return Some(&onnx::SPEC);
+    }
     recognise(&WeightIndex::read(path).ok()?)
 }
 
 /// Refuses a weight file that some other network recognises as its own: one line naming what
 /// the file holds and the network expected.
 pub fn check_weights_for(spec: &'static Spec, path: &Path) -> Result<(), LoadError> {
+    if onnx::is_onnx_path(path) != std::ptr::eq(spec, &onnx::SPEC) {
+        return Err(LoadError::Other(if onnx::is_onnx_path(path) {
+            format!(
+                "{}: an ONNX model, not {} weights: leave --backbone out (or use --backbone onnx)",
+                path.display(),
+                spec.title
+            )
+        } else {
+            format!(
+                "{}: --backbone onnx takes an ONNX model file (MODEL.onnx)",
+                path.display()
+            )
+        }));
+    }
     let Ok(index) = WeightIndex::read(path) else {
         return Ok(());
     };
@@ -370,7 +400,8 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), NETWORKS.len());
-        for s in NETWORKS {
+        // The ONNX row takes its layers and its file from the user's model.
+        for s in NETWORKS.iter().filter(|s| s.name != onnx::SPEC.name) {
             assert!(
                 s.layers.iter().any(|l| l.name == s.default_layer),
                 "{}: default layer {} not in its layer list",

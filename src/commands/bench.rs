@@ -115,6 +115,11 @@ pub struct Args {
     /// Internal: be the dltool network-only child (one mode, batch and thread count).
     #[arg(long, hide = true)]
     pub worker: bool,
+
+    /// With --weights MODEL.onnx: the model's preprocessing (and limits), as for featurize.
+    /// The peers are then ONNX Runtime alone, on the same file.
+    #[command(flatten)]
+    pub onnx: super::OnnxArgs,
 }
 
 /// What a child reports on its last stdout line (the peers print the same keys).
@@ -163,6 +168,7 @@ fn worker(args: &Args) -> anyhow::Result<Status> {
     let opts = BackboneOptions {
         kind: args.backbone,
         weights: args.weights.clone(),
+        onnx: args.onnx.choice(),
         ..BackboneOptions::default()
     };
     let backbone = Backbone::load(&opts, Device::flex())?;
@@ -342,6 +348,58 @@ struct Setup {
     images: usize,
     weights: PathBuf,
     golden: Option<PathBuf>,
+    /// For an ONNX model: the flags that say how it is fed (to dltool's children) and the
+    /// resolved preprocessing (to the peers).
+    onnx: Option<OnnxSetup>,
+}
+
+#[derive(Clone)]
+struct OnnxSetup {
+    flags: Vec<String>,
+    spec: String,
+}
+
+/// The flags and preprocessing of `--weights MODEL.onnx` for the children.
+fn onnx_setup(args: &Args, weights: &Path) -> anyhow::Result<OnnxSetup> {
+    let choice = args.onnx.choice();
+    let model = crate::onnx_net::OnnxModel::open(weights, &choice.limits)?;
+    let (h, w) = model.resolve_size(choice.size)?;
+    let pre = choice
+        .preprocess
+        .resolve(w as u32, h as u32)
+        .with_context(|| {
+            format!(
+                "{}: say how the model's input is preprocessed with --preprocess PRESET",
+                weights.display()
+            )
+        })?;
+    let o = &args.onnx;
+    let mut flags = Vec::new();
+    if let Some(p) = o.preprocess {
+        flags.push(format!("--preprocess={}", p.name()));
+    }
+    if let Some(n) = o.size {
+        flags.push(format!("--size={n}"));
+    }
+    if let Some(r) = o.resize {
+        flags.push(format!("--resize={}", r.name()));
+    }
+    let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
+    if let Some(m) = o.mean {
+        flags.push(format!("--mean={}", triple(m)));
+    }
+    if let Some(s) = o.std {
+        flags.push(format!("--std={}", triple(s)));
+    }
+    flags.push(format!("--max-model-mb={}", o.limits.max_model_mb));
+    flags.push(format!(
+        "--max-optimize-secs={}",
+        o.limits.max_optimize_secs
+    ));
+    Ok(OnnxSetup {
+        flags,
+        spec: pre.spec(),
+    })
 }
 
 fn driver(args: &Args) -> anyhow::Result<Status> {
@@ -362,9 +420,16 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
                 _ => Err(e),
             })
             .map_err(anyhow::Error::msg)?;
+    let onnx = if crate::backbones::onnx::is_onnx_path(&weights) {
+        Some(onnx_setup(args, &weights)?)
+    } else {
+        None
+    };
     let golden = match &args.golden {
         Some(g) if g.is_file() => Some(g.clone()),
         Some(g) => bail!("{}: golden file not found", g.display()),
+        // The shared golden is no check of another model.
+        None if onnx.is_some() => None,
         None => shared_golden
             .map(|g| shared_dir().join(g))
             .filter(|g| g.is_file()),
@@ -379,16 +444,20 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
     }
     // Loaded here once: a wrong file fails before any child runs, and its provenance (the
     // width of a MobileNet) says which FLOP count applies.
-    let network = Backbone::load(
-        &BackboneOptions {
-            kind: Some(BackboneKind(spec)),
-            weights: Some(weights.clone()),
-            ..BackboneOptions::default()
-        },
-        Device::flex(),
-    )?;
-    let flop = bench::flop_per_image(&network.meta.backbone);
-    drop(network);
+    // (An ONNX model's FLOP count is not known.)
+    let flop = if onnx.is_some() {
+        None
+    } else {
+        let network = Backbone::load(
+            &BackboneOptions {
+                kind: Some(BackboneKind(spec)),
+                weights: Some(weights.clone()),
+                ..BackboneOptions::default()
+            },
+            Device::flex(),
+        )?;
+        bench::flop_per_image(&network.meta.backbone)
+    };
 
     // Every tool reads the same N files: a folder of links to them, walked by all alike.
     let work = WorkDir(std::env::temp_dir().join(format!(
@@ -419,10 +488,11 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         images: list.len(),
         weights,
         golden,
+        onnx,
     };
 
-    let tools = if spec.name == crate::backbones::default_spec().name {
-        find_tools(args)
+    let tools = if setup.onnx.is_some() || spec.name == crate::backbones::default_spec().name {
+        find_tools(args, setup.onnx.is_some())
     } else {
         if !args.no_peers {
             crate::note!(
@@ -551,7 +621,7 @@ fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
 }
 
 /// dltool, then each peer script present when a Python for it is.
-fn find_tools(args: &Args) -> Vec<Tool> {
+fn find_tools(args: &Args, onnx: bool) -> Vec<Tool> {
     let mut tools = vec![Tool::Dltool];
     if args.no_peers {
         return tools;
@@ -578,6 +648,10 @@ fn find_tools(args: &Args) -> Vec<Tool> {
         return tools;
     }
     for (name, file) in [("torch", "torch_peer.py"), ("onnxruntime", "ort_peer.py")] {
+        // torch_peer builds InceptionV3; an ONNX model runs on ONNX Runtime only.
+        if onnx && name == "torch" {
+            continue;
+        }
         let script = peers.join(file);
         if script.is_file() {
             tools.push(Tool::Peer {
@@ -616,6 +690,9 @@ fn run_once(
             if let Some(g) = &setup.golden {
                 cmd.arg("--golden").arg(g);
             }
+            if let Some(o) = &setup.onnx {
+                cmd.args(&o.flags);
+            }
         }
         (Tool::Dltool, Mode::E2e) => {
             cmd = Command::new(&setup.exe);
@@ -628,6 +705,9 @@ fn run_once(
                 .arg(format!("--threads={threads}"))
                 .arg("--weights")
                 .arg(&setup.weights);
+            if let Some(o) = &setup.onnx {
+                cmd.args(&o.flags);
+            }
         }
         (
             Tool::Peer {
@@ -649,6 +729,9 @@ fn run_once(
                 .arg(&setup.weights)
                 .arg("--out")
                 .arg(setup.out_dir.join(format!("{name}.npy")));
+            if let Some(o) = &setup.onnx {
+                cmd.arg(format!("--preprocess={}", o.spec));
+            }
             if let Some(g) = &setup.golden {
                 cmd.arg("--golden").arg(g);
             }
@@ -742,7 +825,7 @@ struct Row {
     /// dltool's median over this tool's (None on dltool's own row).
     dltool_ratio: Option<f64>,
     peak_rss_mib: Option<f64>,
-    /// `None` for a network without a FLOP count.
+    /// `None` for a network without a FLOP count (an ONNX model's is not known).
     gflops: Option<f64>,
     percent_of_peak: Option<f64>,
 }

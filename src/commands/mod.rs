@@ -6,6 +6,7 @@ pub mod completions;
 pub mod evaluate;
 pub mod featurize;
 pub mod info;
+pub mod inspect;
 pub mod man;
 pub mod predict;
 pub mod split;
@@ -56,6 +57,58 @@ pub struct NetworkChoice {
     /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
     #[arg(long, value_name = "VARIANT")]
     pub variant: Option<crate::inception_v3::BlockVariant>,
+
+    #[command(flatten)]
+    pub onnx: OnnxArgs,
+}
+
+/// How an ONNX model (`--weights MODEL.onnx`) is fed and what it may cost: part of
+/// [`NetworkChoice`].
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "ONNX models (--weights MODEL.onnx)")]
+pub struct OnnxArgs {
+    /// Input preprocessing of the model's family: inception (stretch, (x-127.5)/127.5),
+    /// torchvision (shorter side to size/0.875, centre crop, ImageNet mean/std), caffe (BGR,
+    /// stretch, minus ImageNet's BGR means), efficientnet (stretch, (x-127)/128) or none
+    /// (stretch, 0..255). Required for an ONNX model unless --mean and --std are given.
+    #[arg(long, value_name = "PRESET")]
+    pub preprocess: Option<crate::onnx_net::Preset>,
+
+    /// Input height and width, for a model whose input size is symbolic.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub size: Option<u32>,
+
+    /// Override the preset's resize: stretch (straight to the input size) or crop (shorter
+    /// side to size/0.875, centre crop).
+    #[arg(long, value_name = "stretch|crop")]
+    pub resize: Option<crate::image_io::Resize>,
+
+    /// Override the preset's per-channel mean, in 0..255 units and the model's channel order.
+    #[arg(long, value_name = "A,B,C", value_parser = crate::onnx_net::parse_triple)]
+    pub mean: Option<[f32; 3]>,
+
+    /// Override the preset's per-channel std, in 0..255 units and the model's channel order.
+    #[arg(long, value_name = "A,B,C", value_parser = crate::onnx_net::parse_triple)]
+    pub std: Option<[f32; 3]>,
+
+    #[command(flatten)]
+    pub limits: OnnxLimitArgs,
+}
+
+impl OnnxArgs {
+    pub fn choice(&self) -> crate::onnx_net::OnnxChoice {
+        crate::onnx_net::OnnxChoice {
+            preprocess: crate::onnx_net::PreprocessChoice {
+                preset: self.preprocess,
+                resize: self.resize,
+                channels: None,
+                mean: self.mean,
+                std: self.std,
+            },
+            size: self.size,
+            limits: self.limits.limits(),
+        }
+    }
 }
 
 /// `--weights`: one file, or several comma-separated. A name that exists as it is (a file
@@ -168,6 +221,7 @@ impl NetworkChoice {
                     variant: variant
                         .clone()
                         .filter(|_| n == 1 || kind.is_none_or(|k| !k.spec().variants.is_empty())),
+                    onnx: self.onnx.choice(),
                     ..Default::default()
                 }
             })
@@ -219,6 +273,44 @@ impl BackboneArgs {
             opts.tta = self.tta;
         }
         Ok(list)
+    }
+}
+
+/// Limits on an ONNX model (`--weights MODEL.onnx`): shared by the commands that load one.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OnnxLimitArgs {
+    /// Refuse an ONNX model larger than this many MiB (the file and its external data).
+    #[arg(long, default_value_t = crate::onnx_net::DEFAULT_MAX_MODEL_MB, value_name = "MB")]
+    pub max_model_mb: u64,
+
+    /// Give up on an ONNX model whose optimisation takes longer than this many seconds.
+    #[arg(long, default_value_t = crate::onnx_net::DEFAULT_MAX_OPTIMIZE_SECS as f64,
+          value_name = "S", value_parser = positive_secs)]
+    pub max_optimize_secs: f64,
+}
+
+impl Default for OnnxLimitArgs {
+    fn default() -> Self {
+        OnnxLimitArgs {
+            max_model_mb: crate::onnx_net::DEFAULT_MAX_MODEL_MB,
+            max_optimize_secs: crate::onnx_net::DEFAULT_MAX_OPTIMIZE_SECS as f64,
+        }
+    }
+}
+
+impl OnnxLimitArgs {
+    pub fn limits(&self) -> crate::onnx_net::Limits {
+        crate::onnx_net::Limits {
+            max_bytes: self.max_model_mb.saturating_mul(1 << 20),
+            optimize_timeout: std::time::Duration::from_secs_f64(self.max_optimize_secs),
+        }
+    }
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1e6 => Ok(x),
+        _ => Err(format!("'{s}' is not a number of seconds above 0")),
     }
 }
 

@@ -24,6 +24,8 @@ fields. Rows are written as soon as they are ready, in input order.
 
 Images go through the head's own backbone (layer, pooling, test-time augmentation, \
 preprocessing recorded in the head); weights whose SHA-256 differs from the head's are refused. \
+For a head trained on an ONNX model's features, the model is --weights MODEL.onnx or, without \
+it, the model imported (`dltool weights import`) whose SHA-256 is the head's. \
 With --features, features made with another backbone, layer, pooling or --tta than the head's \
 are refused.")]
 pub struct Args {
@@ -58,6 +60,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub run: super::NetworkArgs,
+
+    #[command(flatten)]
+    pub onnx_limits: super::OnnxLimitArgs,
 
     /// No progress bar and no summary.
     #[arg(short, long)]
@@ -294,13 +299,63 @@ fn load_part(
             );
         }
     }
+    let is_onnx = std::ptr::eq(kind.spec(), &crate::backbones::onnx::SPEC);
+    let (weights, onnx) = if is_onnx {
+        // The model the head was trained on: --weights, else the imported model with its hash.
+        let weights = match weights {
+            Some(w) => w.clone(),
+            None => crate::backbones::onnx::find_by_sha256(&p.weights_sha256).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: the head was trained on features of an ONNX model (SHA-256 {}): pass \
+                     that model with --weights MODEL.onnx, or import it once with `dltool \
+                     weights import MODEL.onnx --name NAME`",
+                    args.head.display(),
+                    p.weights_sha256
+                )
+            })?,
+        };
+        // Another model is refused by its hash before it is loaded: loading it with the head's
+        // preprocessing could fail first on something that hides the real mismatch (its size).
+        let file = if weights.exists() {
+            Some(weights.clone())
+        } else {
+            weights
+                .to_str()
+                .and_then(crate::backbones::onnx::find_by_name)
+        };
+        if let Some(file) = file.filter(|_| !p.weights_sha256.is_empty()) {
+            let sha = crate::weights::sha256_file(&file)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+            if sha != p.weights_sha256 {
+                bail!(
+                    "{}: the head was trained on features of an ONNX model with SHA-256 {}, but \
+                     {} has {sha}: pass the same model with --weights",
+                    args.head.display(),
+                    p.weights_sha256,
+                    file.display()
+                );
+            }
+        }
+        let pre = crate::backbone::preprocess_of(&p.backbone).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: unreadable ONNX preprocessing in its provenance '{}'",
+                args.head.display(),
+                p.backbone
+            )
+        })?;
+        let choice = crate::onnx_net::OnnxChoice::exactly(&pre, args.onnx_limits.limits());
+        (Some(weights), choice)
+    } else {
+        (weights.cloned(), crate::onnx_net::OnnxChoice::default())
+    };
     let opts = BackboneOptions {
         kind: Some(kind),
-        weights: weights.cloned(),
+        weights,
         variant: None,
         layer: Some(p.layer.clone()),
         pool,
         tta,
+        onnx,
     };
     Backbone::load(&opts, device)
 }
@@ -316,6 +371,19 @@ fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> 
             args.head.display()
         );
     };
+    if let Some(onnx) = weights
+        .0
+        .iter()
+        .find(|w| crate::backbones::onnx::is_onnx_path(w))
+    {
+        bail!(
+            "{}: the head was trained on CSV features of unknown provenance, so the \
+             preprocessing {} was fed with is unknown: featurize to safetensors or Parquet \
+             (which record it) and train the head on those",
+            args.head.display(),
+            onnx.display()
+        );
+    }
     let p = &head.provenance;
     let bad = |e: String| anyhow::anyhow!("{}: {e}", args.head.display());
     let pool: Pool = if p.pool.is_empty() {
@@ -338,6 +406,7 @@ fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> 
             layer: None,
             pool,
             tta,
+            onnx: crate::onnx_net::OnnxChoice::default(),
         })
         .collect();
     let device = super::open_device(args.run.device, args.quiet)?;

@@ -30,11 +30,14 @@ pub enum Action {
         quiet: bool,
     },
     /// Copy a local weight file (a .pth, or a TF.js model.json with its shards beside it) into
-    /// the cache, after checking that it loads and matches the registry's hashes.
+    /// the cache, after checking that it loads and matches the registry's hashes. An ONNX model
+    /// (MODEL.onnx) is imported under any --name, after checking that it opens; every command
+    /// then takes --weights NAME, and predict finds it by its SHA-256.
     Import {
         /// The file to import.
         file: PathBuf,
-        /// Registry name to import it as (default: guessed from the file name).
+        /// Registry name to import it as (default: guessed from the file name); for an ONNX
+        /// model, the name to give it (required).
         #[arg(long)]
         name: Option<String>,
     },
@@ -57,6 +60,19 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             let entry = lookup(&name)?;
             let path = registry::fetch(entry, !quiet).map_err(|e| anyhow!(e))?;
             crate::outln!("{}", path.display())?;
+            Ok(Status::Ok)
+        }
+        Action::Import { file, name } if crate::backbones::onnx::is_onnx_path(&file) => {
+            let name = name.ok_or_else(|| {
+                anyhow!(
+                    "{}: an ONNX model is imported under a name of your choice: pass --name NAME",
+                    file.display()
+                )
+            })?;
+            let choice = crate::onnx_net::OnnxChoice::default();
+            let path =
+                crate::backbones::onnx::import(&file, &name, &choice).map_err(|e| anyhow!(e))?;
+            println!("{}", path.display());
             Ok(Status::Ok)
         }
         Action::Import { file, name } => {
@@ -108,6 +124,8 @@ fn validate(entry: &Entry, path: &Path) -> Result<(), String> {
     let opts = crate::backbones::LoadOptions {
         device: &device,
         variant: None,
+        layer: None,
+        onnx: None,
     };
     (spec.load)(path, &opts)
         .map(|_| ())

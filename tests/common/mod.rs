@@ -46,9 +46,13 @@ pub struct Golden {
 
 impl Golden {
     pub fn open(rel: &str) -> Golden {
-        let path = shared(rel);
+        Golden::read(&shared(rel))
+    }
+
+    /// A safetensors file of reference tensors anywhere (a fixture of the repository).
+    pub fn read(path: &Path) -> Golden {
         Golden {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
         }
     }
 
