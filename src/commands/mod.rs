@@ -5,6 +5,7 @@ pub mod classify;
 pub mod evaluate;
 pub mod featurize;
 pub mod predict;
+pub mod serve;
 pub mod split;
 pub mod train_head;
 pub mod tune;

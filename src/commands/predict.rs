@@ -1,10 +1,12 @@
 //! `dltool predict`: the whole model (backbone + head) on new images, or the head on features.
 
 use super::{Sink, Status};
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
-use crate::features::{self, FeatureMeta};
+use crate::backbone::Backbone;
+use crate::features;
+use crate::featurize::{self, Outcome};
 use crate::head::Head;
-use crate::inputs;
+use crate::inputs::{self, Found};
+use crate::model;
 use anyhow::bail;
 use std::io::Write;
 use std::path::PathBuf;
@@ -93,9 +95,8 @@ impl Rows<'_> {
     }
 
     fn format(&mut self, path: &str, probs: &[f64]) -> anyhow::Result<&[u8]> {
-        let mut order: Vec<usize> = (0..probs.len()).collect();
         // Most probable first; ties keep the head's class order.
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let order = model::ranked(probs);
         let best = order[0];
         self.line.clear();
         match self.format {
@@ -119,29 +120,9 @@ impl Rows<'_> {
                 w.flush()?;
             }
             OutputFormat::Jsonl => {
-                let mut v = serde_json::json!({
-                    "path": path,
-                    "prediction": self.classes[best],
-                    "probability": probs[best],
-                });
-                match self.top_k {
-                    Some(k) => {
-                        v["top"] = order
-                            .iter()
-                            .take(k)
-                            .map(|&c| serde_json::json!({"class": self.classes[c], "probability": probs[c]}))
-                            .collect();
-                    }
-                    None => {
-                        let map: serde_json::Map<String, serde_json::Value> = self
-                            .classes
-                            .iter()
-                            .zip(probs)
-                            .map(|(c, p)| (c.clone(), serde_json::json!(p)))
-                            .collect();
-                        v["probabilities"] = serde_json::Value::Object(map);
-                    }
-                }
+                let mut v = serde_json::Map::new();
+                v.insert("path".into(), path.into());
+                v.extend(model::prediction_json(self.classes, probs, self.top_k));
                 serde_json::to_writer(&mut self.line, &v)?;
                 self.line.push(b'\n');
             }
@@ -193,55 +174,19 @@ fn predict_images(
     rows: &mut Rows<'_>,
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
-    let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
-    let p = &head.provenance;
-    let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: made for backbone '{}', which this dltool does not have",
-            args.head.display(),
-            p.backbone
-        )
-    })?;
-    let pool: Pool = p
-        .pool
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
-    let tta: Tta = p
-        .tta
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
-    if let Some(w) = args.weights.as_deref().filter(|w| w.exists()) {
-        let given = BackboneKind::of_weights(w);
-        if given != kind {
-            bail!(
-                "{}: the head was trained on {} features, but {} holds {} weights",
-                args.head.display(),
-                p.backbone,
-                w.display(),
-                given.name()
-            );
-        }
-    }
-    let opts = BackboneOptions {
-        kind: Some(kind),
-        weights: args.weights.clone(),
-        variant: None,
-        layer: Some(p.layer.clone()),
-        pool,
-        tta,
+    // Paths on stdin are read as they come: a long-lived `predict HEAD -` (one per Spark
+    // partition) answers each path while the next ones are still being written.
+    let streaming = args.paths.iter().any(|p| p == "-");
+    let list = if streaming {
+        inputs::InputList::default()
+    } else {
+        inputs::collect(&args.paths, &mut std::io::stdin().lock())?
     };
     let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device)?;
-    check_backbone(head, &backbone.meta, &args.head, &backbone.weights_path)?;
-    if backbone.dim() != head.feature_dim {
-        bail!(
-            "{}: the head expects {} features, the backbone gives {}",
-            args.head.display(),
-            head.feature_dim,
-            backbone.dim()
-        );
+    let backbone = model::backbone_for_head(head, &args.head, args.weights.as_deref(), device)?;
+    if streaming {
+        return predict_stream(args, head, &backbone, rows, sink);
     }
-
     super::stream_images(
         &backbone,
         &list,
@@ -258,32 +203,51 @@ fn predict_images(
     )
 }
 
-/// The head only makes sense on the features of the network it was trained on.
-fn check_backbone(
+/// [`predict_images`] over paths as they arrive, each row written and flushed as soon as its
+/// batch is through.
+fn predict_stream(
+    args: &Args,
     head: &Head,
-    loaded: &FeatureMeta,
-    head_path: &std::path::Path,
-    weights: &std::path::Path,
-) -> anyhow::Result<()> {
-    let h = &head.provenance;
-    if !h.backbone.is_empty() && h.backbone != loaded.backbone {
-        bail!(
-            "{}: the head was trained on {} features, but {} is {}",
-            head_path.display(),
-            h.backbone,
-            weights.display(),
-            loaded.backbone
-        );
+    backbone: &Backbone,
+    rows: &mut Rows<'_>,
+    sink: &mut Sink,
+) -> anyhow::Result<Status> {
+    let (rx, read_error) = inputs::spawn_lister(args.paths.clone(), 2 * args.run.batch_size as usize);
+    let (mut done, mut skipped) = (0usize, 0usize);
+    featurize::run_stream(
+        backbone,
+        rx,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
+        |_, item, outcome| {
+            let display = match item {
+                Found::Input(input) => &input.display,
+                Found::Skip(skip) => &skip.display,
+            };
+            match outcome {
+                Outcome::Features(features) => {
+                    sink.write_all(rows.format(display, &head.predict_proba(features, 1))?)?;
+                    sink.flush()?;
+                    done += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    eprintln!("skipped {display}: {reason}");
+                    skipped += 1;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(e) = read_error.take() {
+        return Err(anyhow::Error::new(e).context("cannot read paths from stdin"));
     }
-    if !h.weights_sha256.is_empty() && h.weights_sha256 != loaded.weights_sha256 {
-        bail!(
-            "{}: the head was trained on features of weights with SHA-256 {}, but {} has {}: \
-             pass the same weights with --weights",
-            head_path.display(),
-            h.weights_sha256,
-            weights.display(),
-            loaded.weights_sha256
-        );
+    if !args.quiet {
+        eprintln!("predicted {done} image(s), skipped {skipped}");
     }
-    Ok(())
+    Ok(if done == 0 {
+        eprintln!("dltool: no image was predicted");
+        Status::Incomplete
+    } else {
+        Status::Ok
+    })
 }
