@@ -133,14 +133,20 @@ fn load(url: &str, bodies: &Arc<Vec<Vec<u8>>>, clients: usize, seconds: f64) -> 
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|_| {
-            let (stop, next, bodies, url) = (stop.clone(), next.clone(), bodies.clone(), url.to_string());
+            let (stop, next, bodies, url) =
+                (stop.clone(), next.clone(), bodies.clone(), url.to_string());
             std::thread::spawn(move || {
-                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(300)).build();
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(300))
+                    .build();
                 let mut latencies = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let body = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
                     let t = Instant::now();
-                    let resp = agent.post(&url).set("Content-Type", "image/jpeg").send_bytes(body);
+                    let resp = agent
+                        .post(&url)
+                        .set("Content-Type", "image/jpeg")
+                        .send_bytes(body);
                     match resp {
                         Ok(r) => {
                             let _ = r.into_string();
@@ -155,10 +161,17 @@ fn load(url: &str, bodies: &Arc<Vec<Vec<u8>>>, clients: usize, seconds: f64) -> 
         .collect();
     std::thread::sleep(Duration::from_secs_f64(seconds));
     stop.store(true, Ordering::Relaxed);
-    let mut all: Vec<f64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<f64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    (all.len() as f64 / elapsed, percentile(&all, 0.5), percentile(&all, 0.99))
+    (
+        all.len() as f64 / elapsed,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+    )
 }
 
 /// Seconds `dltool featurize` takes over `images` with `args`.
@@ -192,11 +205,18 @@ fn main() {
     let images = images(o.images);
     let bodies: Arc<Vec<Vec<u8>>> =
         Arc::new(images.iter().map(|p| std::fs::read(p).unwrap()).collect());
-    let endpoint = if o.head.is_some() { "/v1/predict" } else { "/v1/featurize" };
+    let endpoint = if o.head.is_some() {
+        "/v1/predict"
+    } else {
+        "/v1/featurize"
+    };
     let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
     println!(
         "dltool serve {}{} on {} images, {} s per client count, serve args {:?}",
-        o.head.as_deref().map(|h| format!("{} ", name(h))).unwrap_or_default(),
+        o.head
+            .as_deref()
+            .map(|h| format!("{} ", name(h)))
+            .unwrap_or_default(),
         name(&o.weights),
         images.len(),
         o.seconds,
@@ -206,7 +226,10 @@ fn main() {
     let url = format!("{}{endpoint}", server.1);
     // Warm-up: every image once.
     for b in bodies.iter() {
-        ureq::post(&url).set("Content-Type", "image/jpeg").send_bytes(b).unwrap();
+        ureq::post(&url)
+            .set("Content-Type", "image/jpeg")
+            .send_bytes(b)
+            .unwrap();
     }
     println!("| clients | images/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|");

@@ -101,12 +101,7 @@ fn check_backbone(
 /// Class indices by decreasing probability; ties keep the class order.
 pub fn ranked<T: Copy + Into<f64>>(probs: &[T]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| {
-        probs[b]
-            .into()
-            .total_cmp(&probs[a].into())
-            .then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| probs[b].into().total_cmp(&probs[a].into()).then(a.cmp(&b)));
     order
 }
 

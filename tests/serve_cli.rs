@@ -86,7 +86,11 @@ impl Server {
             if let Some(exit) = server.child.try_wait().unwrap() {
                 panic!("the server exited ({exit}); stderr:\n{}", server.log());
             }
-            assert!(Instant::now() < deadline, "not ready in 60 s:\n{}", server.log());
+            assert!(
+                Instant::now() < deadline,
+                "not ready in 60 s:\n{}",
+                server.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         server
@@ -259,7 +263,10 @@ fn predict_jsonl(head: &Path, weights: &Path, images: &[PathBuf], extra: &[&str]
         .args(extra)
         .arg(head)
         .args(images));
-    let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), images.len(), "{text}");
     rows
 }
@@ -323,7 +330,10 @@ fn predictions_equal_dltool_predict() {
     assert_eq!(status, 200);
     let model: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(model["head"]["classes"], serde_json::json!(CLASSES));
-    assert_eq!(model["head"]["provenance"]["backbone"], "mobilenet_v1/0.25_224");
+    assert_eq!(
+        model["head"]["provenance"]["backbone"],
+        "mobilenet_v1/0.25_224"
+    );
     assert_eq!(model["network"]["backbone"], "mobilenet_v1/0.25_224");
     assert_eq!(
         model["network"]["weights_sha256"],
@@ -352,7 +362,11 @@ fn sixty_four_concurrent_requests_are_all_answered() {
     });
     for (i, a) in &answers {
         assert_eq!(a.status, 200, "request {i}: {a:?}");
-        assert_eq!(a.json, without_path(&expected[i % expected.len()]), "request {i}");
+        assert_eq!(
+            a.json,
+            without_path(&expected[i % expected.len()]),
+            "request {i}"
+        );
     }
     // Batching happened: fewer network batches than images.
     let batches = server.metric("dltool_batch_size_count");
@@ -409,7 +423,10 @@ fn oversized_request(server: &Server, len: usize) -> (u16, Value) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")))
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
+    )
 }
 
 #[test]
@@ -418,20 +435,77 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let good = std::fs::read(&images[0]).unwrap();
     let truncated = good[..good.len() / 2].to_vec();
     let server = mobilenet_server(&["--max-body", "1000000", "--max-pixels", "50000000"]);
-    let (mixed_ct, mixed) = multipart(&[("good.jpg", good.clone()), ("junk.bin", b"hello".to_vec())]);
+    let (mixed_ct, mixed) =
+        multipart(&[("good.jpg", good.clone()), ("junk.bin", b"hello".to_vec())]);
     let (bad_ct, bad_multipart) = multipart(&[("a.jpg", good.clone())]);
     let bad_ct = bad_ct.replace(BOUNDARY, "another-boundary");
     let bomb = png_claiming(40_000, 40_000);
 
     // (what, path, content type, body, status, error kind, words the message must hold)
     let cases: Vec<(&str, &str, String, Vec<u8>, u16, &str, &str)> = vec![
-        ("garbage", "/v1/predict", "image/jpeg".into(), b"not an image at all".to_vec(), 422, "bad_image", "unrecognised format"),
-        ("truncated", "/v1/predict", "image/jpeg".into(), truncated, 422, "bad_image", "truncated or corrupt jpeg"),
-        ("empty", "/v1/predict", "image/jpeg".into(), Vec::new(), 400, "bad_request", "empty body"),
-        ("bomb", "/v1/featurize", "image/png".into(), bomb, 422, "bad_image", "over the 50000000-pixel limit"),
-        ("bad multipart", "/v1/predict", bad_ct, bad_multipart, 400, "bad_request", ""),
-        ("bad top_k", "/v1/predict?top_k=0", "image/jpeg".into(), good.clone(), 400, "bad_request", "top_k"),
-        ("unknown route", "/v1/nothing", "image/jpeg".into(), good.clone(), 404, "not_found", "/v1/predict"),
+        (
+            "garbage",
+            "/v1/predict",
+            "image/jpeg".into(),
+            b"not an image at all".to_vec(),
+            422,
+            "bad_image",
+            "unrecognised format",
+        ),
+        (
+            "truncated",
+            "/v1/predict",
+            "image/jpeg".into(),
+            truncated,
+            422,
+            "bad_image",
+            "truncated or corrupt jpeg",
+        ),
+        (
+            "empty",
+            "/v1/predict",
+            "image/jpeg".into(),
+            Vec::new(),
+            400,
+            "bad_request",
+            "empty body",
+        ),
+        (
+            "bomb",
+            "/v1/featurize",
+            "image/png".into(),
+            bomb,
+            422,
+            "bad_image",
+            "over the 50000000-pixel limit",
+        ),
+        (
+            "bad multipart",
+            "/v1/predict",
+            bad_ct,
+            bad_multipart,
+            400,
+            "bad_request",
+            "",
+        ),
+        (
+            "bad top_k",
+            "/v1/predict?top_k=0",
+            "image/jpeg".into(),
+            good.clone(),
+            400,
+            "bad_request",
+            "top_k",
+        ),
+        (
+            "unknown route",
+            "/v1/nothing",
+            "image/jpeg".into(),
+            good.clone(),
+            404,
+            "not_found",
+            "/v1/predict",
+        ),
     ];
     std::thread::scope(|s| {
         // Good requests all along, beside the bad ones.
@@ -459,7 +533,12 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let (status, json) = oversized_request(&server, 1_500_000);
     assert_eq!(status, 413, "{json}");
     assert_eq!(json["error"]["kind"], "too_large");
-    assert!(json["error"]["message"].as_str().unwrap().contains("--max-body (1000000 bytes)"));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body (1000000 bytes)")
+    );
 
     // In one multipart request, a bad part fails alone and is named.
     let a = server.post("/v1/predict", &mixed_ct, &mixed);
@@ -467,13 +546,27 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let results = a.json["results"].as_array().unwrap();
     assert!(results[0]["prediction"].is_string(), "{a:?}");
     assert_eq!(results[1]["error"]["kind"], "bad_image");
-    assert!(results[1]["error"]["message"].as_str().unwrap().starts_with("junk.bin: "));
+    assert!(
+        results[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("junk.bin: ")
+    );
 
-    assert_eq!(server.metric("dltool_errors_total{kind=\"bad_image\"}"), 4.0);
-    assert_eq!(server.metric("dltool_errors_total{kind=\"too_large\"}"), 1.0);
+    assert_eq!(
+        server.metric("dltool_errors_total{kind=\"bad_image\"}"),
+        4.0
+    );
+    assert_eq!(
+        server.metric("dltool_errors_total{kind=\"too_large\"}"),
+        1.0
+    );
     // Still serving.
     assert_eq!(server.post("/v1/predict", "image/jpeg", &good).status, 200);
-    assert!(server.child.try_wait().unwrap().is_none(), "the server stopped");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server stopped"
+    );
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
     // Structured logs: every line is one JSON object with ts, level and event.
@@ -502,19 +595,44 @@ fn a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out() {
     });
     // The queue is free again; a request of more images than the queue ever admits is refused.
     server.wait_for_queue_depth(0);
-    let (ct3, three) = multipart(&[("a", good.clone()), ("b", good.clone()), ("c", good.clone())]);
+    let (ct3, three) = multipart(&[
+        ("a", good.clone()),
+        ("b", good.clone()),
+        ("c", good.clone()),
+    ]);
     let a = server.post("/v1/predict", &ct3, &three);
-    assert_eq!((a.status, a.json["error"]["kind"].as_str()), (413, Some("too_many_images")));
-    assert_eq!(server.metric("dltool_errors_total{kind=\"queue_full\"}"), 1.0);
+    assert_eq!(
+        (a.status, a.json["error"]["kind"].as_str()),
+        (413, Some("too_many_images"))
+    );
+    assert_eq!(
+        server.metric("dltool_errors_total{kind=\"queue_full\"}"),
+        1.0
+    );
     drop(server);
 
     // A request that outlives --timeout-ms is answered 503 (the batch waits 3 s, the request
     // may take 300 ms).
-    let server = mobilenet_server(&["--timeout-ms", "300", "--max-wait-ms", "3000", "--max-batch", "64"]);
+    let server = mobilenet_server(&[
+        "--timeout-ms",
+        "300",
+        "--max-wait-ms",
+        "3000",
+        "--max-batch",
+        "64",
+    ]);
     let started = Instant::now();
     let a = server.post("/v1/predict", "image/jpeg", &good);
-    assert_eq!((a.status, a.json["error"]["kind"].as_str()), (503, Some("timeout")), "{a:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(
+        (a.status, a.json["error"]["kind"].as_str()),
+        (503, Some("timeout")),
+        "{a:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -536,7 +654,10 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
         server.wait_for_queue_depth(images.len());
         let pid = server.child.id() as libc::pid_t;
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     });
     for (a, want) in answers.iter().zip(&expected) {
         assert_eq!(a.status, 200, "{a:?}");
@@ -547,15 +668,24 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
         if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "still running 30 s after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "still running 30 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0), "{}", server.log());
     // No longer accepting.
     assert!(agent().get(&server.url("/healthz")).call().is_err());
     let log = server.log();
-    let events: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let shutdown = events.iter().find(|e| e["event"] == "shutdown").expect("a shutdown line");
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let shutdown = events
+        .iter()
+        .find(|e| e["event"] == "shutdown")
+        .expect("a shutdown line");
     assert_eq!(shutdown["reason"], "SIGTERM");
     assert_eq!(shutdown["in_flight_images"], images.len());
     assert_eq!(events.last().unwrap()["event"], "stopped", "{log}");
@@ -576,17 +706,21 @@ fn a_network_without_head_features_and_classes_equal_featurize_and_classify() {
         .arg(&weights)
         .args(&images));
     let jsonl = ok(dltool()
-        .args(["classify", "-q", "--format", "jsonl", "--top-k", "3", "--weights"])
+        .args([
+            "classify",
+            "-q",
+            "--format",
+            "jsonl",
+            "--top-k",
+            "3",
+            "--weights",
+        ])
         .arg(&weights)
         .arg("--labels")
         .arg(shared(LABELS))
         .args(&images));
     for ((image, row), classified) in images.iter().zip(csv.lines()).zip(jsonl.lines()) {
-        let want: Vec<f32> = row
-            .split(',')
-            .skip(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
+        let want: Vec<f32> = row.split(',').skip(2).map(|v| v.parse().unwrap()).collect();
         let a = server.post_image("/v1/featurize", image);
         assert_eq!(a.status, 200, "{a:?}");
         let got: Vec<f32> = a.json["features"]
@@ -600,10 +734,16 @@ fn a_network_without_head_features_and_classes_equal_featurize_and_classify() {
 
         let a = server.post_image("/v1/classify?top_k=3", image);
         assert_eq!(a.status, 200, "{a:?}");
-        assert_eq!(a.json, without_path(&serde_json::from_str(classified).unwrap()));
+        assert_eq!(
+            a.json,
+            without_path(&serde_json::from_str(classified).unwrap())
+        );
     }
     let a = server.post_image("/v1/predict", &images[0]);
-    assert_eq!((a.status, a.json["error"]["kind"].as_str()), (404, Some("no_head")));
+    assert_eq!(
+        (a.status, a.json["error"]["kind"].as_str()),
+        (404, Some("no_head"))
+    );
 }
 
 #[test]
@@ -625,7 +765,10 @@ fn an_inception_head_predicts_as_dltool_predict() {
     }
     // The shared InceptionV3 weights end at the pool: no classifier to classify with.
     let a = server.post_image("/v1/classify", &images[0]);
-    assert_eq!((a.status, a.json["error"]["kind"].as_str()), (404, Some("no_classifier")));
+    assert_eq!(
+        (a.status, a.json["error"]["kind"].as_str()),
+        (404, Some("no_classifier"))
+    );
 }
 
 #[test]
@@ -693,5 +836,8 @@ fn bad_starts_fail_with_one_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot listen on") && err.contains(&addr), "{err}");
+    assert!(
+        err.contains("cannot listen on") && err.contains(&addr),
+        "{err}"
+    );
 }

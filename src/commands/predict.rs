@@ -212,7 +212,8 @@ fn predict_stream(
     rows: &mut Rows<'_>,
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
-    let (rx, read_error) = inputs::spawn_lister(args.paths.clone(), 2 * args.run.batch_size as usize);
+    let (rx, read_error) =
+        inputs::spawn_lister(args.paths.clone(), 2 * args.run.batch_size as usize);
     let (mut done, mut skipped) = (0usize, 0usize);
     featurize::run_stream(
         backbone,

@@ -1,7 +1,6 @@
 //! `dltool serve`: a head (or a network alone) behind HTTP, with dynamic batching.
 
 use super::Status;
-use crate::backbone::{BackboneKind, BackboneOptions};
 use crate::head::Head;
 use crate::serve::{Config, Network, batcher::Batching};
 use anyhow::bail;
@@ -45,14 +44,10 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
 
-    /// Network without a head [default: what --weights is, else inception_v3].
-    #[arg(long, value_name = "inception_v3|mobilenet_v1", conflicts_with = "head")]
-    pub backbone: Option<BackboneKind>,
-
-    /// Weights: a file, a TF.js model folder, or a fetched registry name [default: as
-    /// featurize finds them]; with a HEAD, they must be the head's.
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
+    /// The network (without a HEAD), or the HEAD's weights when they are not where featurize
+    /// finds them (they must be the head's).
+    #[command(flatten)]
+    pub net: super::NetworkChoice,
 
     /// Class names of the pretrained classifier, for /v1/classify [default: next to the weights].
     #[arg(long, value_name = "FILE")]
@@ -89,20 +84,22 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.run.threads);
     let network = match &args.head {
         Some(path) => {
+            if args.net.backbone.is_some() || args.net.variant.is_some() {
+                bail!(
+                    "--backbone and --variant are for a server without a HEAD: a head runs on \
+                     the network it was trained on"
+                );
+            }
             // Read before listening: a wrong path is a usage error, not a server that never
             // gets ready.
             let head = Head::load(path).map_err(anyhow::Error::msg)?;
             Network::Head {
                 path: path.clone(),
                 head: Box::new(head),
-                weights: args.weights.clone(),
+                weights: args.net.weights.clone(),
             }
         }
-        None => Network::Backbone(BackboneOptions {
-            kind: args.backbone,
-            weights: args.weights.clone(),
-            ..BackboneOptions::default()
-        }),
+        None => Network::Backbone(args.net.options()),
     };
     if args.max_body == 0 {
         bail!("--max-body must be at least 1 byte");

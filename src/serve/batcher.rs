@@ -120,10 +120,18 @@ where
     }
     let started = Instant::now();
     let result = panic::catch_unwind(AssertUnwindSafe(|| network(task, pixels, n)))
-        .unwrap_or_else(|payload| Err(format!("the network panicked: {}", panic_text(payload.as_ref()))))
+        .unwrap_or_else(|payload| {
+            Err(format!(
+                "the network panicked: {}",
+                panic_text(payload.as_ref())
+            ))
+        })
         .and_then(|out| {
             if out.is_empty() || out.len() % n != 0 {
-                Err(format!("the network returned {} floats for {n} images", out.len()))
+                Err(format!(
+                    "the network returned {} floats for {n} images",
+                    out.len()
+                ))
             } else {
                 Ok(out)
             }

@@ -47,7 +47,10 @@ struct Json(Value);
 impl IntoResponse for Json {
     fn into_response(self) -> Response {
         (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             self.0.to_string(),
         )
             .into_response()
@@ -292,7 +295,11 @@ async fn read_images(state: &Arc<State>, req: Request) -> Result<(Vec<Upload>, b
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
     if !multipart {
         let bytes = Bytes::from_request(req, state)
             .await
@@ -595,21 +602,40 @@ mod tests {
             let app = guarded(routes, state.clone());
             let boom = app
                 .clone()
-                .oneshot(Request::get("/boom").body(axum::body::Body::empty()).unwrap())
+                .oneshot(
+                    Request::get("/boom")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
                 .await
                 .unwrap();
             assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
-            let body = axum::body::to_bytes(boom.into_body(), 1 << 20).await.unwrap();
+            let body = axum::body::to_bytes(boom.into_body(), 1 << 20)
+                .await
+                .unwrap();
             let v: Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(v["error"]["kind"], "internal");
-            assert!(v["error"]["message"].as_str().unwrap().contains("handler bug"), "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("handler bug"),
+                "{v}"
+            );
             let fine = app
-                .oneshot(Request::get("/fine").body(axum::body::Body::empty()).unwrap())
+                .oneshot(
+                    Request::get("/fine")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
                 .await
                 .unwrap();
             assert_eq!(fine.status(), StatusCode::OK);
             let text = state.metrics.render(0, 1, false);
-            assert!(text.contains("dltool_errors_total{kind=\"internal\"} 1"), "{text}");
+            assert!(
+                text.contains("dltool_errors_total{kind=\"internal\"} 1"),
+                "{text}"
+            );
         });
     }
 }

@@ -49,7 +49,10 @@ impl Histogram {
                 .bounds
                 .get(i)
                 .map_or("+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         let braces = if labels.is_empty() {
             String::new()
@@ -115,7 +118,9 @@ impl Metrics {
     /// The text exposition format, with the queue gauges given by the caller.
     pub fn render(&self, queue_depth: usize, queue_capacity: usize, ready: bool) -> String {
         let mut out = String::new();
-        out.push_str("# HELP dltool_requests_total HTTP requests answered, by endpoint and status code.\n");
+        out.push_str(
+            "# HELP dltool_requests_total HTTP requests answered, by endpoint and status code.\n",
+        );
         out.push_str("# TYPE dltool_requests_total counter\n");
         for ((endpoint, code), n) in lock(&self.requests).iter() {
             let _ = writeln!(
@@ -128,7 +133,9 @@ impl Metrics {
         for (kind, n) in lock(&self.errors).iter() {
             let _ = writeln!(out, "dltool_errors_total{{kind=\"{kind}\"}} {n}");
         }
-        out.push_str("# HELP dltool_request_duration_seconds Time from request to response, by endpoint.\n");
+        out.push_str(
+            "# HELP dltool_request_duration_seconds Time from request to response, by endpoint.\n",
+        );
         out.push_str("# TYPE dltool_request_duration_seconds histogram\n");
         for (endpoint, h) in lock(&self.latency).iter() {
             h.render(
@@ -174,7 +181,10 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"1\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"4\"} 3\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
-        assert!(out.contains("x_sum 15\n") && out.contains("x_count 4\n"), "{out}");
+        assert!(
+            out.contains("x_sum 15\n") && out.contains("x_count 4\n"),
+            "{out}"
+        );
     }
 
     #[test]
