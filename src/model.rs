@@ -19,6 +19,9 @@ pub fn backbone_for_head(
     weights: Option<&Path>,
     device: Device,
 ) -> anyhow::Result<Backbone> {
+    if head.provenance.backbone.is_empty() {
+        return backbone_of_unknown(head, head_path, weights, device);
+    }
     let p = &head.provenance;
     let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
         anyhow::anyhow!(
@@ -62,6 +65,58 @@ pub fn backbone_for_head(
             "{}: the head expects {} features, the backbone gives {}",
             head_path.display(),
             head.feature_dim,
+            backbone.dim()
+        );
+    }
+    Ok(backbone)
+}
+
+/// A head trained on CSV features of unknown provenance: the network is what `weights` says
+/// (its last layer; the pooling and test-time augmentation the head recorded, if any), and the
+/// width is the only check there can be.
+fn backbone_of_unknown(
+    head: &Head,
+    head_path: &Path,
+    weights: Option<&Path>,
+    device: Device,
+) -> anyhow::Result<Backbone> {
+    let Some(weights) = weights else {
+        bail!(
+            "{}: the head was trained on CSV features of unknown provenance, so it does not \
+             know which network makes its features: pass the featurize --weights",
+            head_path.display()
+        );
+    };
+    let p = &head.provenance;
+    let bad = |e: String| anyhow::anyhow!("{}: {e}", head_path.display());
+    let pool: Pool = if p.pool.is_empty() {
+        Pool::Avg
+    } else {
+        p.pool.parse().map_err(bad)?
+    };
+    let tta: Tta = if p.tta.is_empty() {
+        Tta::None
+    } else {
+        p.tta.parse().map_err(bad)?
+    };
+    let opts = BackboneOptions {
+        kind: None,
+        weights: Some(weights.to_path_buf()),
+        variant: None,
+        layer: None,
+        pool,
+        tta,
+    };
+    let backbone = Backbone::load(&opts, device)?;
+    if backbone.dim() != head.feature_dim {
+        bail!(
+            "{}: the head expects {} features, but {} ({}, layer {}) gives {}: pass the weights \
+             the head's features were made with",
+            head_path.display(),
+            head.feature_dim,
+            weights.display(),
+            backbone.meta.backbone,
+            backbone.meta.layer,
             backbone.dim()
         );
     }

@@ -22,8 +22,9 @@ for tool in python3 java; do
 done
 [ -f "$weights" ] || { echo "run_test.sh: missing $weights (set DLTOOL_SHARED)" >&2; exit 1; }
 
-# pyspark 3.5 supports Java 8/11/17 and Python 3.8-3.12; MLlib needs numpy, pandas UDFs need
-# pandas and pyarrow (pandas 3 and pyarrow 20 came after pyspark 3.5).
+# pyspark 3.5 supports Java 8/11/17 and Python 3.8-3.12; MLlib needs numpy; pyspark.ml.functions
+# imports pandas at module level and pandas UDFs need pyarrow (pandas 3 and pyarrow 20 came
+# after pyspark 3.5).
 if ! "$venv/bin/python" -c 'import pyspark, numpy, pandas, pyarrow' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'pyspark>=3.5.2,<3.6' numpy \

@@ -137,6 +137,15 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         bail!("--top-k must be at least 1");
     }
     let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
+    if let Some(k) = args.top_k.filter(|&k| k > head.classes.len()) {
+        crate::note!(
+            "dltool: --top-k {k} is more than the head's {} classes: every class is listed",
+            head.classes.len()
+        );
+    }
+    if let (Some(output), Some(file)) = (&args.output, &args.features) {
+        features::refuse_output_over_input(output, [file])?;
+    }
     let mut sink = Sink::open(args.output.as_deref())?;
     let mut rows = Rows {
         classes: &head.classes,
@@ -153,8 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let status = match &args.features {
         Some(file) => {
             let table = features::read_features(file)?;
-            head.check_features(table.dim, table.meta.as_ref())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            super::check_head_features(&head, &table, file)?;
             let probs = head.predict_proba(&table.data, table.len());
             let k = head.classes.len();
             for i in 0..table.len() {
@@ -184,6 +192,16 @@ fn predict_images(
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = model::backbone_for_head(head, &args.head, args.weights.as_deref(), device)?;
+    if head.provenance.backbone.is_empty() {
+        crate::note!(
+            "{}: the head's provenance is unknown (CSV features): featurizing with {} ({}, \
+             layer {}); only the width was checked",
+            args.head.display(),
+            backbone.weights_path.display(),
+            backbone.meta.backbone,
+            backbone.meta.layer
+        );
+    }
     if streaming {
         return predict_stream(args, head, &backbone, rows, sink);
     }
@@ -232,7 +250,7 @@ fn predict_stream(
                     done += 1;
                 }
                 Outcome::Skipped(reason) => {
-                    eprintln!("skipped {display}: {reason}");
+                    crate::note!("skipped {display}: {reason}");
                     skipped += 1;
                 }
             }
@@ -243,10 +261,10 @@ fn predict_stream(
         return Err(anyhow::Error::new(e).context("cannot read paths from stdin"));
     }
     if !args.quiet {
-        eprintln!("predicted {done} image(s), skipped {skipped}");
+        crate::note!("predicted {done} image(s), skipped {skipped}");
     }
     Ok(if done == 0 {
-        eprintln!("dltool: no image was predicted");
+        crate::note!("dltool: no image was predicted");
         Status::Incomplete
     } else {
         Status::Ok
