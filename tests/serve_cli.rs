@@ -379,7 +379,8 @@ fn sixty_four_concurrent_requests_are_all_answered() {
     );
 }
 
-/// A PNG whose header claims `width` x `height` pixels (and holds none).
+/// A PNG whose header claims `width` x `height` pixels, followed by a tiny bogus IDAT (the PNG
+/// decoder reports the size once it reaches the first IDAT).
 fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut chunk = |kind: &[u8; 4], data: &[u8]| {
@@ -396,6 +397,7 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
     chunk(b"IEND", &[]);
     png
 }
@@ -434,7 +436,7 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let images = test_images(1);
     let good = std::fs::read(&images[0]).unwrap();
     let truncated = good[..good.len() / 2].to_vec();
-    let server = mobilenet_server(&["--max-body", "1000000", "--max-pixels", "50000000"]);
+    let mut server = mobilenet_server(&["--max-body", "1000000", "--max-pixels", "50000000"]);
     let (mixed_ct, mixed) =
         multipart(&[("good.jpg", good.clone()), ("junk.bin", b"hello".to_vec())]);
     let (bad_ct, bad_multipart) = multipart(&[("a.jpg", good.clone())]);

@@ -4,9 +4,9 @@
     spark.sql("SELECT path, flower_class(path) AS class FROM images")
 
 `flower_class` is a pandas UDF of the iterator kind: Spark calls it once per partition with the
-partition's paths in Arrow batches, and it streams them all through ONE long-lived
-`dltool predict HEAD - --format jsonl` process (paths in on stdin, one JSON row out per image,
-in input order), not one process per row. An image dltool cannot read gets NULL.
+partition's paths in Arrow batches, and it streams them, batch by batch, through ONE long-lived
+`dltool predict HEAD - --format jsonl` process per partition (paths in on stdin, one JSON row out
+per image, in input order), not one process per row. An image dltool cannot read gets NULL.
 
 With --serve URL the same function calls a running `dltool serve HEAD` instead: each batch of
 paths goes as one multipart POST to URL/v1/predict, and the server batches concurrent
@@ -15,7 +15,7 @@ partitions' images on its network.
     python predict_sql.py IMAGES --head head.safetensors --dltool target/release/dltool
     python predict_sql.py IMAGES --serve http://127.0.0.1:8080
 
-IMAGES is a folder of images (one subfolder per class, if --check-labels is to mean anything).
+IMAGES is a folder of images (one subfolder per class, if --min-accuracy is to mean anything).
 dltool (or the server) must see the same paths as the Spark workers.
 """
 
@@ -45,31 +45,82 @@ def list_images(root):
     return found
 
 
-def predict_with_process(command, paths):
-    """Streams `paths` through one `dltool predict HEAD -` process; returns {path: class}.
-    A writer thread feeds stdin while this thread reads rows, so neither pipe can fill up and
-    stall the other; paths dltool skips (not an image) have no row and are left out."""
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, encoding="utf-8")
+class PredictProcess:
+    """One long-lived `dltool predict HEAD - --format jsonl` process: paths go in on stdin as
+    they come, and each gets its class back as soon as dltool has run its batch, while the
+    process stays up for the next ones (no process per row, no waiting for the partition's end).
 
-    def feed():
-        try:
-            for p in paths:
-                proc.stdin.write(p + "\n")
-        finally:
-            proc.stdin.close()
+    dltool answers in input order with one JSON row per image; a path it cannot read gets no row
+    but a `skipped PATH: reason` line on stderr. Two reader threads turn both into results, so
+    neither pipe can fill up and stall dltool, and a skipped path is known without a timeout.
+    """
 
-    writer = threading.Thread(target=feed, daemon=True)
-    writer.start()
-    classes = {}
-    for line in proc.stdout:
-        row = json.loads(line)
-        classes[row["path"]] = row["prediction"]
-    writer.join()
-    # 2 means "no image was predicted" (all skipped): the rows are NULL, not an error.
-    if proc.wait() not in (0, 2):
-        raise RuntimeError(f"{command[0]} predict exited with {proc.returncode}")
-    return classes
+    def __init__(self, command):
+        self.command = command
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                     bufsize=1)
+        self.results = {}  # path -> class, or None when dltool skipped it
+        self.pending = set()  # the paths of the batch being answered
+        self.done = threading.Condition()
+        self.stderr_tail = []
+        self.readers = [threading.Thread(target=self._read_rows, daemon=True),
+                        threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self.readers:
+            t.start()
+
+    def _resolve(self, path, value):
+        with self.done:
+            self.results[path] = value
+            self.done.notify_all()
+
+    def _read_rows(self):
+        for line in self.proc.stdout:
+            row = json.loads(line)
+            self._resolve(row["path"], row["prediction"])
+        with self.done:
+            self.done.notify_all()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            if line.startswith("skipped ") and ": " in line:
+                # The path is everything up to the last ": " that leaves a known path; paths
+                # with ": " inside are rare enough to try each split.
+                body = line[len("skipped "):]
+                for i in range(len(body)):
+                    if body.startswith(": ", i) and body[:i] in self.pending:
+                        self._resolve(body[:i], None)
+                        break
+            else:
+                self.stderr_tail = (self.stderr_tail + [line])[-20:]
+                print(line, file=sys.stderr)
+        with self.done:
+            self.done.notify_all()
+
+    def classes(self, paths):
+        """The classes of `paths` (None where dltool could not read the image), in order."""
+        wanted = [p for p in paths if p is not None and "\n" not in p]
+        self.pending = set(wanted)
+        self.proc.stdin.write("".join(p + "\n" for p in wanted))
+        self.proc.stdin.flush()
+        with self.done:
+            while not all(p in self.results for p in wanted):
+                if self.proc.poll() is not None and not any(t.is_alive() for t in self.readers):
+                    raise RuntimeError(f"{self.command[0]} predict exited with "
+                                       f"{self.proc.returncode}: {' / '.join(self.stderr_tail)}")
+                self.done.wait(timeout=1.0)
+        return [self.results.get(p) if p is not None else None for p in paths]
+
+    def close(self):
+        self.proc.stdin.close()
+        code = self.proc.wait()
+        for t in self.readers:
+            t.join()
+        # 2 means "no image was predicted" (all skipped): the rows are NULL, not an error.
+        if code not in (0, 2):
+            raise RuntimeError(f"{self.command[0]} predict exited with {code}: "
+                               f"{' / '.join(self.stderr_tail)}")
 
 
 def predict_with_server(url, paths, per_request=16):
@@ -110,9 +161,10 @@ def predict_with_server(url, paths, per_request=16):
     return classes
 
 
-def make_udf(predict):
-    """`predict(paths) -> {path: class}` as a SQL-registrable pandas UDF (iterator of Series
-    -> iterator of Series, one call per partition)."""
+def process_udf(command):
+    """A SQL-registrable pandas UDF (iterator of Series -> iterator of Series: Spark calls it
+    once per partition) that streams the partition's paths, Arrow batch by Arrow batch, through
+    one `dltool predict` process."""
     from typing import Iterator
 
     import pandas as pd
@@ -120,12 +172,29 @@ def make_udf(predict):
 
     @pandas_udf("string")
     def flower_class(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        # The whole partition goes through one process (or a few requests); its paths are
-        # gathered first (strings only: the images stay on disk).
-        batches = list(batches)
-        paths = sorted({p for batch in batches for p in batch if p is not None})
-        classes = predict(paths) if paths else {}
+        dltool = PredictProcess(command)
+        try:
+            for batch in batches:
+                yield pd.Series(dltool.classes(batch.tolist()), dtype="object")
+        finally:
+            dltool.close()
+
+    return flower_class
+
+
+def server_udf(url):
+    """The same function over a running `dltool serve`: each Arrow batch's images go as
+    multipart requests; the server batches concurrent partitions' images on its network."""
+    from typing import Iterator
+
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf("string")
+    def flower_class(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         for batch in batches:
+            paths = [p for p in batch.tolist() if p is not None]
+            classes = predict_with_server(url, paths) if paths else {}
             yield batch.map(classes.get)
 
     return flower_class
@@ -142,6 +211,8 @@ def main():
                     help="threads of each dltool process (default 1: Spark runs a task per core)")
     ap.add_argument("--serve", metavar="URL", help="call a running `dltool serve` instead")
     ap.add_argument("--partitions", type=int, default=2)
+    ap.add_argument("--arrow-batch", type=int, default=64,
+                    help="paths per Arrow batch: how many the UDF hands dltool at a time")
     ap.add_argument("--expect", metavar="CSV",
                     help="`dltool predict HEAD IMAGES` output over the same folder: exit 1 unless "
                          "every class from SQL equals its row's prediction")
@@ -156,6 +227,7 @@ def main():
 
     spark = (SparkSession.builder.master(args.master).appName("dltool predict SQL")
              .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.arrow_batch))
              .getOrCreate())
     spark.sparkContext.setLogLevel("WARN")
     started = time.time()
@@ -168,26 +240,25 @@ def main():
     df.createOrReplaceTempView("images")
 
     if args.serve:
-        url = args.serve
-        spark.udf.register("flower_class", make_udf(lambda paths: predict_with_server(url, paths)))
-        how = f"dltool serve at {url}"
+        spark.udf.register("flower_class", server_udf(args.serve))
+        how = f"dltool serve at {args.serve}"
     else:
         command = [args.dltool, "predict", os.path.abspath(args.head), "-", "--format", "jsonl",
                    "--quiet", "--threads", str(args.threads)]
         if args.weights:
             command += ["--weights", os.path.abspath(args.weights)]
-        spark.udf.register("flower_class",
-                           make_udf(lambda paths: predict_with_process(command, paths)))
+        spark.udf.register("flower_class", process_udf(command))
         how = "one dltool predict process per partition"
 
-    query = "SELECT path, label, flower_class(path) AS class FROM images ORDER BY path"
+    query = "SELECT path, flower_class(path) AS class FROM images"
     print(f'spark.sql("{query}")')
-    rows = spark.sql(query).collect()
+    rows = sorted(spark.sql(query).collect(), key=lambda r: r["path"])
     spark.stop()
     for r in rows[:5]:
         print(f"  {r['path']}  {r['class']}")
     n = len(rows)
-    right = sum(r["class"] == r["label"] for r in rows)
+    label = dict(images)
+    right = sum(r["class"] == label[r["path"]] for r in rows)
     print(f"flower_class over {n} images ({how}): {right} match their folder "
           f"({right / n:.3f}), in {time.time() - started:.1f} s")
 

@@ -70,7 +70,8 @@ grep -q accuracy "$work/report.txt"
 "$DLTOOL" predict "$work/head.safetensors" "$work/images" --weights "$weights" --quiet \
     -o "$work/expected.csv"
 "$venv/bin/python" "$here/predict_sql.py" "$work/images" --head "$work/head.safetensors" \
-    --dltool "$DLTOOL" --weights "$weights" --partitions 2 --expect "$work/expected.csv" \
+    --dltool "$DLTOOL" --weights "$weights" --partitions 2 --arrow-batch 8 \
+    --expect "$work/expected.csv" \
     --min-accuracy 0.8
 
 # The same query against a running server (the port is the OS's pick, printed on stdout).
@@ -85,7 +86,7 @@ done
 url=$(sed -n 's/^listening on //p' "$work/serve.out")
 [ -n "$url" ] || { echo "run_test.sh: dltool serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
 # Until the network is loaded the server answers 503 with Retry-After, which the UDF honours.
-"$venv/bin/python" "$here/predict_sql.py" "$work/images" --serve "$url" --partitions 2 \
+"$venv/bin/python" "$here/predict_sql.py" "$work/images" --serve "$url" --partitions 2 --arrow-batch 8 \
     --expect "$work/expected.csv" --min-accuracy 0.8
 kill -TERM "$serve_pid"
 wait "$serve_pid" || { echo "run_test.sh: dltool serve did not exit 0 on SIGTERM" >&2; exit 1; }

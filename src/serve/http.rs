@@ -586,56 +586,60 @@ mod tests {
         Arc::new(State::new(super::super::test_config(), tx))
     }
 
+    /// Over a real socket with a real client: the panic of one handler costs that request a
+    /// 500 (JSON naming the panic), the connection's server task survives, and the next
+    /// requests are served.
     #[test]
     fn a_panicking_request_is_answered_500_and_the_server_goes_on() {
-        use tower::ServiceExt;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
-            let state = state();
-            let routes = Router::new()
-                .route("/boom", get(|| async { panic!("handler bug") }))
-                .route("/fine", get(|| async { "fine" }));
-            let app = guarded(routes, state.clone());
-            let boom = app
-                .clone()
-                .oneshot(
-                    Request::get("/boom")
-                        .body(axum::body::Body::empty())
-                        .unwrap(),
-                )
+        let state = state();
+        let routes = Router::new()
+            .route("/boom", get(|| async { panic!("handler bug") }))
+            .route("/fine", get(|| async { "fine" }));
+        let app = guarded(routes, state.clone());
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
                 .await
-                .unwrap();
-            assert_eq!(boom.status(), StatusCode::INTERNAL_SERVER_ERROR);
-            let body = axum::body::to_bytes(boom.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(v["error"]["kind"], "internal");
-            assert!(
-                v["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("handler bug"),
-                "{v}"
-            );
-            let fine = app
-                .oneshot(
-                    Request::get("/fine")
-                        .body(axum::body::Body::empty())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            assert_eq!(fine.status(), StatusCode::OK);
-            let text = state.metrics.render(0, 1, false);
-            assert!(
-                text.contains("dltool_errors_total{kind=\"internal\"} 1"),
-                "{text}"
-            );
         });
+        let agent = ureq::AgentBuilder::new()
+            .timeout(std::time::Duration::from_secs(30))
+            .build();
+        let get = |path: &str| match agent.get(&format!("http://{addr}{path}")).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        for _ in 0..2 {
+            let (status, body) = get("/boom");
+            assert_eq!(status, 500, "{body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["error"]["kind"], "internal");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains("handler bug"), "{v}");
+            assert_eq!(get("/fine"), (200, "fine".to_string()));
+        }
+        let text = state.metrics.render(0, 1, false);
+        assert!(
+            text.contains("dltool_errors_total{kind=\"internal\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dltool_requests_total{endpoint=\"other\",code=\"200\"} 2"),
+            "{text}"
+        );
+        let _ = stop_tx.send(());
+        rt.block_on(server).unwrap().unwrap();
     }
 }

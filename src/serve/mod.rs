@@ -135,6 +135,19 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    // A panic is caught and answered 500 (see `http::observe`, `batcher::run`); its report goes
+    // to the log as one JSON line like every other, not as the default hook's free text.
+    std::panic::set_hook(Box::new(|info| {
+        let message = batcher::panic_text(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        log::event(
+            "error",
+            "panic",
+            json!({"message": message, "location": location}),
+        );
+    }));
     let (tx, rx) = mpsc::channel::<Msg>();
     let state = Arc::new(State::new(config.clone(), tx.clone()));
 
