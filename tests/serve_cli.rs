@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{dltool, flowers, ok, shared};
+use common::{dltool, flowers, line_reader, ok, png_claiming, shared};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -379,29 +379,6 @@ fn sixty_four_concurrent_requests_are_all_answered() {
     );
 }
 
-/// A PNG whose header claims `width` x `height` pixels, followed by a tiny bogus IDAT (the PNG
-/// decoder reports the size once it reaches the first IDAT).
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(kind);
-        crc.update(data);
-        png.extend_from_slice(kind);
-        png.extend_from_slice(data);
-        png.extend_from_slice(&crc.finalize().to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
-    png
-}
-
 /// Sends the headers of a POST of `len` bytes and a first 1000 of them; returns the answer.
 fn oversized_request(server: &Server, len: usize) -> (u16, Value) {
     let addr = server.base.strip_prefix("http://").unwrap();
@@ -431,6 +408,17 @@ fn oversized_request(server: &Server, len: usize) -> (u16, Value) {
     )
 }
 
+/// A request that must be refused: its status, error kind and words the message must hold.
+struct Bad {
+    what: &'static str,
+    path: &'static str,
+    content_type: String,
+    body: Vec<u8>,
+    status: u16,
+    kind: &'static str,
+    words: &'static str,
+}
+
 #[test]
 fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let images = test_images(1);
@@ -443,85 +431,86 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
     let bad_ct = bad_ct.replace(BOUNDARY, "another-boundary");
     let bomb = png_claiming(40_000, 40_000);
 
-    // (what, path, content type, body, status, error kind, words the message must hold)
-    let cases: Vec<(&str, &str, String, Vec<u8>, u16, &str, &str)> = vec![
-        (
-            "garbage",
-            "/v1/predict",
-            "image/jpeg".into(),
-            b"not an image at all".to_vec(),
-            422,
-            "bad_image",
-            "unrecognised format",
-        ),
-        (
-            "truncated",
-            "/v1/predict",
-            "image/jpeg".into(),
-            truncated,
-            422,
-            "bad_image",
-            "truncated or corrupt jpeg",
-        ),
-        (
-            "empty",
-            "/v1/predict",
-            "image/jpeg".into(),
-            Vec::new(),
-            400,
-            "bad_request",
-            "empty body",
-        ),
-        (
-            "bomb",
-            "/v1/featurize",
-            "image/png".into(),
-            bomb,
-            422,
-            "bad_image",
-            "over the 50000000-pixel limit",
-        ),
-        (
-            "bad multipart",
-            "/v1/predict",
-            bad_ct,
-            bad_multipart,
-            400,
-            "bad_request",
-            "",
-        ),
-        (
-            "bad top_k",
-            "/v1/predict?top_k=0",
-            "image/jpeg".into(),
-            good.clone(),
-            400,
-            "bad_request",
-            "top_k",
-        ),
-        (
-            "unknown route",
-            "/v1/nothing",
-            "image/jpeg".into(),
-            good.clone(),
-            404,
-            "not_found",
-            "/v1/predict",
-        ),
+    let cases = vec![
+        Bad {
+            what: "garbage",
+            path: "/v1/predict",
+            content_type: "image/jpeg".into(),
+            body: b"not an image at all".to_vec(),
+            status: 422,
+            kind: "bad_image",
+            words: "unrecognised format",
+        },
+        Bad {
+            what: "truncated",
+            path: "/v1/predict",
+            content_type: "image/jpeg".into(),
+            body: truncated,
+            status: 422,
+            kind: "bad_image",
+            words: "truncated or corrupt jpeg",
+        },
+        Bad {
+            what: "empty",
+            path: "/v1/predict",
+            content_type: "image/jpeg".into(),
+            body: Vec::new(),
+            status: 400,
+            kind: "bad_request",
+            words: "empty body",
+        },
+        Bad {
+            what: "bomb",
+            path: "/v1/featurize",
+            content_type: "image/png".into(),
+            body: bomb,
+            status: 422,
+            kind: "bad_image",
+            words: "over the 50000000-pixel limit",
+        },
+        Bad {
+            what: "bad multipart",
+            path: "/v1/predict",
+            content_type: bad_ct,
+            body: bad_multipart,
+            status: 400,
+            kind: "bad_request",
+            words: "",
+        },
+        Bad {
+            what: "bad top_k",
+            path: "/v1/predict?top_k=0",
+            content_type: "image/jpeg".into(),
+            body: good.clone(),
+            status: 400,
+            kind: "bad_request",
+            words: "top_k",
+        },
+        Bad {
+            what: "unknown route",
+            path: "/v1/nothing",
+            content_type: "image/jpeg".into(),
+            body: good.clone(),
+            status: 404,
+            kind: "not_found",
+            words: "/v1/predict",
+        },
     ];
     std::thread::scope(|s| {
         // Good requests all along, beside the bad ones.
         let goods: Vec<_> = (0..8)
             .map(|_| s.spawn(|| server.post("/v1/predict", "image/jpeg", &good)))
             .collect();
-        for (what, path, ct, body, status, kind, words) in &cases {
-            let a = server.post(path, ct, body);
-            assert_eq!(a.status, *status, "{what}: {a:?}");
-            assert_eq!(a.json["error"]["kind"], *kind, "{what}: {a:?}");
+        for c in &cases {
+            let a = server.post(c.path, &c.content_type, &c.body);
+            assert_eq!(a.status, c.status, "{}: {a:?}", c.what);
+            assert_eq!(a.json["error"]["kind"], c.kind, "{}: {a:?}", c.what);
             let message = a.json["error"]["message"].as_str().unwrap();
             assert!(
-                message.to_lowercase().contains(words),
-                "{what}: '{words}' not in {message}"
+                message.to_lowercase().contains(c.words),
+                "{}: '{}' not in {message}",
+                c.what,
+                c.words
             );
         }
         for g in goods {
@@ -787,15 +776,7 @@ fn predict_answers_paths_on_stdin_as_they_come() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_reader(child.stdout.take().unwrap());
     // Each row comes back while stdin is still open: one long-lived process can serve a
     // stream of paths (a Spark partition).
     for image in &images {

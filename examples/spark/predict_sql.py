@@ -30,19 +30,7 @@ import urllib.error
 import urllib.request
 import uuid
 
-
-def list_images(root):
-    """(path, label) for every non-hidden file under root, sorted; the label is the first-level
-    folder, as dltool labels a directory it walks."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, root)
-        label = "" if rel == "." else rel.split(os.sep)[0]
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                found.append((os.path.join(dirpath, name), label))
-    return found
+from featurize_spark import list_images
 
 
 class PredictProcess:

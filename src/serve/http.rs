@@ -586,6 +586,10 @@ mod tests {
         Arc::new(State::new(super::super::test_config(), tx))
     }
 
+    async fn boom() -> &'static str {
+        panic!("handler bug")
+    }
+
     /// Over a real socket with a real client: the panic of one handler costs that request a
     /// 500 (JSON naming the panic), the connection's server task survives, and the next
     /// requests are served.
@@ -598,7 +602,7 @@ mod tests {
             .unwrap();
         let state = state();
         let routes = Router::new()
-            .route("/boom", get(|| async { panic!("handler bug") }))
+            .route("/boom", get(boom))
             .route("/fine", get(|| async { "fine" }));
         let app = guarded(routes, state.clone());
         let listener = rt
