@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 
 /// One image to featurize.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,36 @@ pub fn for_each(
         }
     }
     Ok(())
+}
+
+/// Lists `args` as [`for_each`] does, on a thread of its own, sending each item as it is found:
+/// rows can flow out while paths still flow in on stdin. At most `capacity` items wait; the
+/// listing blocks beyond that, which bounds memory. The thread is not scoped, so a consumer
+/// that stops early (stdout closed) need not wait for a stdin line that may never come.
+pub fn spawn_lister(args: Vec<String>, capacity: usize) -> (mpsc::Receiver<Found>, ListingError) {
+    let (tx, rx) = mpsc::sync_channel::<Found>(capacity.max(1));
+    let error = ListingError::default();
+    let slot = error.clone();
+    std::thread::spawn(move || {
+        let result = for_each(&args, &mut std::io::stdin().lock(), &mut |found| {
+            tx.send(found).is_ok()
+        });
+        if let Err(e) = result {
+            *slot.0.lock().expect("lock") = Some(e);
+        }
+    });
+    (rx, error)
+}
+
+/// Where [`spawn_lister`] leaves a failure to read stdin.
+#[derive(Debug, Clone, Default)]
+pub struct ListingError(Arc<Mutex<Option<std::io::Error>>>);
+
+impl ListingError {
+    /// The read error, if the listing met one (call after the receiver is drained).
+    pub fn take(&self) -> Option<std::io::Error> {
+        self.0.lock().expect("lock").take()
+    }
 }
 
 fn add_path(arg: &str, sink: &mut dyn FnMut(Found) -> bool) -> bool {

@@ -32,6 +32,8 @@ enum Command {
     Predict(commands::predict::Args),
     /// ImageNet classes of images from the pretrained network's own classifier (top-K).
     Classify(commands::classify::Args),
+    /// Serve a head (or a network) over HTTP, with dynamic batching.
+    Serve(commands::serve::Args),
     /// Known pretrained weights: list, fetch, import, verify, path.
     Weights(commands::weights::Args),
     /// Layers a network offers for features, with shapes: an ONNX file's nodes, or a built-in
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Classify(args) => commands::classify::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Inspect(args) => commands::inspect::run(args),

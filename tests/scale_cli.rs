@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{dltool, ok, photo_dir, run};
+use common::{dltool, line_reader, ok, photo_dir, run};
 use dltool::features::{self, FeatureTable};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -122,18 +122,6 @@ fn bad_shard_and_header_options_are_refused_clearly() {
 
 /// Reads lines from `stdout` on a thread, so a test can wait for one with a timeout instead of
 /// hanging if the rows never come.
-fn line_reader(stdout: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 fn next_line(rx: &mpsc::Receiver<String>, what: &str) -> String {
     rx.recv_timeout(Duration::from_secs(180))
         .unwrap_or_else(|_| panic!("no {what} on stdout while stdin stays open"))

@@ -2,7 +2,10 @@
 # End-to-end check of the Spark example: 20 daisy and 20 tulip photos of ../shared/flowers go
 # through featurize_spark.py (Spark local mode, dltool as the map step through RDD.pipe); the
 # Parquet that dltool writes itself is read back by Spark and must equal the piped rows bit for
-# bit; the Parquet that Spark writes is read back by dltool (split, train-head, evaluate).
+# bit; the Parquet that Spark writes is read back by dltool (split, train-head, evaluate). The
+# head trained there then becomes a Spark SQL function (predict_sql.py), once through one
+# `dltool predict HEAD -` process per partition and once through a running `dltool serve`; both
+# must give every image the class `dltool predict` gives it.
 # Exits non-zero on any failure. Needs python3 and Java 17; pyspark comes from PyPI into a venv
 # kept in ~/.cache/dltool/spark-venv (or $DLTOOL_SPARK_VENV) so later runs skip the download.
 set -euo pipefail
@@ -19,10 +22,13 @@ for tool in python3 java; do
 done
 [ -f "$weights" ] || { echo "run_test.sh: missing $weights (set DLTOOL_SHARED)" >&2; exit 1; }
 
-# pyspark 3.5 supports Java 8/11/17 and Python 3.8-3.12; MLlib needs numpy.
-if ! "$venv/bin/python" -c 'import pyspark, numpy, pandas' 2>/dev/null; then
+# pyspark 3.5 supports Java 8/11/17 and Python 3.8-3.12; MLlib needs numpy; pyspark.ml.functions
+# imports pandas at module level and pandas UDFs need pyarrow (pandas 3 and pyarrow 20 came
+# after pyspark 3.5).
+if ! "$venv/bin/python" -c 'import pyspark, numpy, pandas, pyarrow' 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pyspark>=3.5.2,<3.6' numpy 'pandas<3'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pyspark>=3.5.2,<3.6' numpy \
+        'pandas>=2,<3' 'pyarrow>=11,<20'
 fi
 
 if [ -z "${DLTOOL:-}" ]; then
@@ -31,7 +37,12 @@ if [ -z "${DLTOOL:-}" ]; then
 fi
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+serve_pid=
+cleanup() {
+    [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
 for class in daisy tulips; do
     mkdir -p "$work/images/$class"
     find "$shared/flowers/$class" -maxdepth 1 -type f -name '*.jpg' | sort | head -n "$per_class" |
@@ -53,4 +64,31 @@ export SPARK_LOCAL_IP=${SPARK_LOCAL_IP:-127.0.0.1}
     --reg 0.05 --elastic-net 0.3
 "$DLTOOL" evaluate "$work/head.safetensors" "$work/test.parquet" | tee "$work/report.txt"
 grep -q accuracy "$work/report.txt"
+
+# The head as a SQL function: SELECT path, flower_class(path) AS class FROM images. The classes
+# must be the ones `dltool predict` gives (the same decode path and network).
+"$DLTOOL" predict "$work/head.safetensors" "$work/images" --weights "$weights" --quiet \
+    -o "$work/expected.csv"
+"$venv/bin/python" "$here/predict_sql.py" "$work/images" --head "$work/head.safetensors" \
+    --dltool "$DLTOOL" --weights "$weights" --partitions 2 --arrow-batch 8 \
+    --expect "$work/expected.csv" \
+    --min-accuracy 0.8
+
+# The same query against a running server (the port is the OS's pick, printed on stdout).
+"$DLTOOL" serve "$work/head.safetensors" --weights "$weights" --listen 127.0.0.1:0 \
+    >"$work/serve.out" 2>"$work/serve.log" &
+serve_pid=$!
+for _ in $(seq 600); do
+    grep -q '^listening on ' "$work/serve.out" 2>/dev/null && break
+    kill -0 "$serve_pid" 2>/dev/null || { cat "$work/serve.log" >&2; exit 1; }
+    sleep 0.1
+done
+url=$(sed -n 's/^listening on //p' "$work/serve.out")
+[ -n "$url" ] || { echo "run_test.sh: dltool serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
+# Until the network is loaded the server answers 503 with Retry-After, which the UDF honours.
+"$venv/bin/python" "$here/predict_sql.py" "$work/images" --serve "$url" --partitions 2 --arrow-batch 8 \
+    --expect "$work/expected.csv" --min-accuracy 0.8
+kill -TERM "$serve_pid"
+wait "$serve_pid" || { echo "run_test.sh: dltool serve did not exit 0 on SIGTERM" >&2; exit 1; }
+serve_pid=
 echo "spark example: ok in $((SECONDS - started)) s"

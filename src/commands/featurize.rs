@@ -258,20 +258,8 @@ fn stream_to_stdout(
 ) -> anyhow::Result<()> {
     let mut out = StdoutRows::start(args, backbone)?;
     // A few batches of paths may wait; the reader blocks beyond that, which bounds memory.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Found>(2 * args.run.batch_size as usize);
-    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let paths = args.paths.clone();
-    let reader_error = read_error.clone();
-    // Not scoped: if stdout closes while stdin stays open, the run must be able to end without
-    // waiting for a line that may never come.
-    std::thread::spawn(move || {
-        let result = inputs::for_each(&paths, &mut std::io::stdin().lock(), &mut |found| {
-            tx.send(found).is_ok()
-        });
-        if let Err(e) = result {
-            *reader_error.lock().expect("lock") = Some(e);
-        }
-    });
+    let (rx, read_error) =
+        inputs::spawn_lister(args.paths.clone(), 2 * args.run.batch_size as usize);
     featurize::run_stream(
         backbone,
         rx,
@@ -286,7 +274,7 @@ fn stream_to_stdout(
             }
         },
     )?;
-    if let Some(e) = read_error.lock().expect("lock").take() {
+    if let Some(e) = read_error.take() {
         return Err(e).context("cannot read paths from stdin");
     }
     Ok(())

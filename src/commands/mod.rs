@@ -9,6 +9,7 @@ pub mod info;
 pub mod inspect;
 pub mod man;
 pub mod predict;
+pub mod serve;
 pub mod split;
 pub mod train_head;
 pub mod tune;

@@ -1,11 +1,12 @@
 //! `dltool predict`: the whole model (backbone + head) on new images, or the head on features.
 
 use super::{Sink, Status};
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
 use crate::backbone_set::BackboneSet;
-use crate::features::{self, FeatureMeta};
+use crate::features;
+use crate::featurize::{self, Outcome};
 use crate::head::Head;
-use crate::inputs;
+use crate::inputs::{self, Found};
+use crate::model;
 use anyhow::bail;
 use std::io::Write;
 use std::path::PathBuf;
@@ -100,9 +101,8 @@ impl Rows<'_> {
     }
 
     fn format(&mut self, path: &str, probs: &[f64]) -> anyhow::Result<&[u8]> {
-        let mut order: Vec<usize> = (0..probs.len()).collect();
         // Most probable first; ties keep the head's class order.
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let order = model::ranked(probs);
         let best = order[0];
         self.line.clear();
         match self.format {
@@ -126,29 +126,9 @@ impl Rows<'_> {
                 w.flush()?;
             }
             OutputFormat::Jsonl => {
-                let mut v = serde_json::json!({
-                    "path": path,
-                    "prediction": self.classes[best],
-                    "probability": probs[best],
-                });
-                match self.top_k {
-                    Some(k) => {
-                        v["top"] = order
-                            .iter()
-                            .take(k)
-                            .map(|&c| serde_json::json!({"class": self.classes[c], "probability": probs[c]}))
-                            .collect();
-                    }
-                    None => {
-                        let map: serde_json::Map<String, serde_json::Value> = self
-                            .classes
-                            .iter()
-                            .zip(probs)
-                            .map(|(c, p)| (c.clone(), serde_json::json!(p)))
-                            .collect();
-                        v["probabilities"] = serde_json::Value::Object(map);
-                    }
-                }
+                let mut v = serde_json::Map::new();
+                v.insert("path".into(), path.into());
+                v.extend(model::prediction_json(self.classes, probs, self.top_k));
                 serde_json::to_writer(&mut self.line, &v)?;
                 self.line.push(b'\n');
             }
@@ -208,12 +188,26 @@ fn predict_images(
     rows: &mut Rows<'_>,
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
-    let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
-    let set = if head.provenance.backbone.is_empty() {
-        backbone_of_unknown(args, head)?
+    // Paths on stdin are read as they come: a long-lived `predict HEAD -` (one per Spark
+    // partition) answers each path while the next ones are still being written.
+    let streaming = args.paths.iter().any(|p| p == "-");
+    let list = if streaming {
+        inputs::InputList::default()
     } else {
-        backbone_of_provenance(args, head)?
+        inputs::collect(&args.paths, &mut std::io::stdin().lock())?
     };
+    let weights: &[PathBuf] = args.weights.as_ref().map_or(&[], |w| &w.0);
+    let device = super::open_device(args.run.device, args.quiet)?;
+    let set = model::backbone_for_head(
+        head,
+        &args.head,
+        weights,
+        args.onnx_limits.limits(),
+        device,
+    )?;
+    if streaming {
+        return predict_stream(args, head, &set, rows, sink);
+    }
     super::stream_images(
         &set.preprocesses(),
         &list,
@@ -230,241 +224,52 @@ fn predict_images(
     )
 }
 
-/// The networks a head's provenance names, loaded as they were (each checked against its part
-/// of the head's provenance), in the head's order.
-fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> {
-    let parts = crate::backbone_set::parts(&head.provenance);
-    let weights: &[PathBuf] = args.weights.as_ref().map_or(&[], |w| &w.0);
-    if !weights.is_empty() && weights.len() != parts.len() {
-        bail!(
-            "{}: the head was trained on features of {} network(s) ({}), but --weights names {} \
-             file(s): give one per network, in that order, or none",
-            args.head.display(),
-            parts.len(),
-            head.provenance.backbone,
-            weights.len()
-        );
-    }
-    let device = super::open_device(args.run.device, args.quiet)?;
-    let mut loaded = Vec::with_capacity(parts.len());
-    for (i, p) in parts.iter().enumerate() {
-        let given = weights.get(i);
-        let backbone = load_part(args, p, given, device.clone())?;
-        check_backbone(p, &backbone.meta, &args.head, &backbone.weights_path)?;
-        loaded.push(backbone);
-    }
-    let set = BackboneSet::new(loaded)?;
-    if set.dim() != head.feature_dim {
-        bail!(
-            "{}: the head expects {} features, the backbone gives {}",
-            args.head.display(),
-            head.feature_dim,
-            set.dim()
-        );
-    }
-    Ok(set)
-}
-
-/// One network of a head's provenance, with the weights given for it if any.
-fn load_part(
+/// [`predict_images`] over paths as they arrive, each row written and flushed as soon as its
+/// batch is through.
+fn predict_stream(
     args: &Args,
-    p: &FeatureMeta,
-    weights: Option<&PathBuf>,
-    device: burn::prelude::Device,
-) -> anyhow::Result<Backbone> {
-    let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: made for backbone '{}', which this dltool does not have",
-            args.head.display(),
-            p.backbone
-        )
-    })?;
-    let pool: Pool = p
-        .pool
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
-    let tta: Tta = p
-        .tta
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.head.display()))?;
-    if let Some(w) = weights.filter(|w| w.exists()) {
-        let given = BackboneKind::of_weights(w);
-        if given != kind {
-            bail!(
-                "{}: the head was trained on {} features, but {} holds {} weights",
-                args.head.display(),
-                p.backbone,
-                w.display(),
-                given.name()
-            );
-        }
-    }
-    let is_onnx = std::ptr::eq(kind.spec(), &crate::backbones::onnx::SPEC);
-    let (weights, onnx) = if is_onnx {
-        // The model the head was trained on: --weights, else the imported model with its hash.
-        let weights = match weights {
-            Some(w) => w.clone(),
-            None => crate::backbones::onnx::find_by_sha256(&p.weights_sha256).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: the head was trained on features of an ONNX model (SHA-256 {}): pass \
-                     that model with --weights MODEL.onnx, or import it once with `dltool \
-                     weights import MODEL.onnx --name NAME`",
-                    args.head.display(),
-                    p.weights_sha256
-                )
-            })?,
-        };
-        // Another model is refused by its hash before it is loaded: loading it with the head's
-        // preprocessing could fail first on something that hides the real mismatch (its size).
-        let file = if weights.exists() {
-            Some(weights.clone())
-        } else {
-            weights
-                .to_str()
-                .and_then(crate::backbones::onnx::find_by_name)
-        };
-        if let Some(file) = file.filter(|_| !p.weights_sha256.is_empty()) {
-            let sha = crate::weights::sha256_file(&file)
-                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
-            if sha != p.weights_sha256 {
-                bail!(
-                    "{}: the head was trained on features of an ONNX model with SHA-256 {}, but \
-                     {} has {sha}: pass the same model with --weights",
-                    args.head.display(),
-                    p.weights_sha256,
-                    file.display()
-                );
+    head: &Head,
+    set: &BackboneSet,
+    rows: &mut Rows<'_>,
+    sink: &mut Sink,
+) -> anyhow::Result<Status> {
+    let (rx, read_error) =
+        inputs::spawn_lister(args.paths.clone(), 2 * args.run.batch_size as usize);
+    let (mut done, mut skipped) = (0usize, 0usize);
+    featurize::run_stream(
+        set,
+        rx,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
+        |_, item, outcome| {
+            let display = match item {
+                Found::Input(input) => &input.display,
+                Found::Skip(skip) => &skip.display,
+            };
+            match outcome {
+                Outcome::Features(features) => {
+                    sink.write_all(rows.format(display, &head.predict_proba(features, 1))?)?;
+                    sink.flush()?;
+                    done += 1;
+                }
+                Outcome::Skipped(reason) => {
+                    crate::note!("skipped {display}: {reason}");
+                    skipped += 1;
+                }
             }
-        }
-        let pre = crate::backbone::preprocess_of(&p.backbone).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: unreadable ONNX preprocessing in its provenance '{}'",
-                args.head.display(),
-                p.backbone
-            )
-        })?;
-        let choice = crate::onnx_net::OnnxChoice::exactly(&pre, args.onnx_limits.limits());
-        (Some(weights), choice)
+            Ok(())
+        },
+    )?;
+    if let Some(e) = read_error.take() {
+        return Err(anyhow::Error::new(e).context("cannot read paths from stdin"));
+    }
+    if !args.quiet {
+        crate::note!("predicted {done} image(s), skipped {skipped}");
+    }
+    Ok(if done == 0 {
+        crate::note!("dltool: no image was predicted");
+        Status::Incomplete
     } else {
-        (weights.cloned(), crate::onnx_net::OnnxChoice::default())
-    };
-    let opts = BackboneOptions {
-        kind: Some(kind),
-        weights,
-        variant: None,
-        layer: Some(p.layer.clone()),
-        pool,
-        tta,
-        onnx,
-    };
-    Backbone::load(&opts, device)
-}
-
-/// A head trained on CSV features of unknown provenance: the network is what --weights says
-/// (its last layer; the pooling and test-time augmentation the head recorded, if any), and the
-/// width is the only check there can be.
-fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<BackboneSet> {
-    let Some(weights) = &args.weights else {
-        bail!(
-            "{}: the head was trained on CSV features of unknown provenance, so it does not \
-             know which network makes its features: pass the featurize --weights",
-            args.head.display()
-        );
-    };
-    if let Some(onnx) = weights
-        .0
-        .iter()
-        .find(|w| crate::backbones::onnx::is_onnx_path(w))
-    {
-        bail!(
-            "{}: the head was trained on CSV features of unknown provenance, so the \
-             preprocessing {} was fed with is unknown: featurize to safetensors or Parquet \
-             (which record it) and train the head on those",
-            args.head.display(),
-            onnx.display()
-        );
-    }
-    let p = &head.provenance;
-    let bad = |e: String| anyhow::anyhow!("{}: {e}", args.head.display());
-    let pool: Pool = if p.pool.is_empty() {
-        Pool::Avg
-    } else {
-        p.pool.parse().map_err(bad)?
-    };
-    let tta: Tta = if p.tta.is_empty() {
-        Tta::None
-    } else {
-        p.tta.parse().map_err(bad)?
-    };
-    let opts: Vec<BackboneOptions> = weights
-        .0
-        .iter()
-        .map(|w| BackboneOptions {
-            kind: None,
-            weights: Some(w.clone()),
-            variant: None,
-            layer: None,
-            pool,
-            tta,
-            onnx: crate::onnx_net::OnnxChoice::default(),
-        })
-        .collect();
-    let device = super::open_device(args.run.device, args.quiet)?;
-    let set = BackboneSet::load(&opts, device)?;
-    let files = weights
-        .0
-        .iter()
-        .map(|w| w.display().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    if set.dim() != head.feature_dim {
-        bail!(
-            "{}: the head expects {} features, but {files} ({}, layer {}) gives {}: pass the \
-             weights the head's features were made with",
-            args.head.display(),
-            head.feature_dim,
-            set.meta.backbone,
-            set.meta.layer,
-            set.dim()
-        );
-    }
-    crate::note!(
-        "{}: the head's provenance is unknown (CSV features): featurizing with {files} ({}, \
-         layer {}); only the width was checked",
-        args.head.display(),
-        set.meta.backbone,
-        set.meta.layer
-    );
-    Ok(set)
-}
-
-/// The head only makes sense on the features of the network it was trained on: `part` is the
-/// head's provenance for this network.
-fn check_backbone(
-    part: &FeatureMeta,
-    loaded: &FeatureMeta,
-    head_path: &std::path::Path,
-    weights: &std::path::Path,
-) -> anyhow::Result<()> {
-    let h = part;
-    if !h.backbone.is_empty() && h.backbone != loaded.backbone {
-        bail!(
-            "{}: the head was trained on {} features, but {} is {}",
-            head_path.display(),
-            h.backbone,
-            weights.display(),
-            loaded.backbone
-        );
-    }
-    if !h.weights_sha256.is_empty() && h.weights_sha256 != loaded.weights_sha256 {
-        bail!(
-            "{}: the head was trained on features of weights with SHA-256 {}, but {} has {}: \
-             pass the same weights with --weights",
-            head_path.display(),
-            h.weights_sha256,
-            weights.display(),
-            loaded.weights_sha256
-        );
-    }
-    Ok(())
+        Status::Ok
+    })
 }

@@ -247,3 +247,43 @@ pub fn flower_subset(dir: &Path, classes: &[&str], per_class: usize) -> PathBuf 
     }
     root
 }
+
+/// A PNG whose header claims `w` x `h` pixels, followed by a tiny bogus IDAT (the PNG decoder
+/// reports the size once it reaches the first IDAT): a decompression bomb in a few bytes.
+pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&body);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    out
+}
+
+/// The lines a child writes on `stdout`, read on a thread of their own so that a test can wait
+/// for each with a timeout while the child's stdin stays open.
+pub fn line_reader(
+    stdout: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
