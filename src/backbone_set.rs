@@ -117,6 +117,16 @@ impl BackboneSet {
     }
 }
 
+/// One network as a set (for callers that load one `Backbone` and run the featurizing loop).
+impl From<Backbone> for BackboneSet {
+    fn from(part: Backbone) -> BackboneSet {
+        BackboneSet {
+            meta: part.meta.clone(),
+            parts: vec![part],
+        }
+    }
+}
+
 /// Rows of `n` images from per-part row blocks: row `r` is `outputs[0][r]`, `outputs[1][r]`, ...
 fn interleave(outputs: &[Vec<f32>], dims: &[usize], n: usize) -> Vec<f32> {
     let dim: usize = dims.iter().sum();

@@ -7,6 +7,8 @@
 //!   same script from torchvision's resnet50/vgg16/vgg19), random values, written to a
 //!   temporary safetensors file: they load and run one 224x224 image.
 
+mod common;
+
 use dltool::backbone::Pool;
 use dltool::backbones::resnet::{self, ResNet};
 use dltool::backbones::vgg::{self, Vgg};
@@ -95,8 +97,13 @@ fn reduced_resnet_matches_torchvision_at_every_stage() {
 }
 
 fn check_vgg(file: &str, blocks: [usize; 5]) {
+    check_vgg_weights(file, &fixture(&format!("{file}.safetensors")), blocks);
+}
+
+/// [`check_vgg`] with the weights read from `weights`.
+fn check_vgg_weights(file: &str, weights: &Path, blocks: [usize; 5]) {
     let r = read_ref(&fixture(&format!("{file}_ref.safetensors")));
-    let net = Vgg::load(&fixture(&format!("{file}.safetensors")), "VGG", blocks).unwrap();
+    let net = Vgg::load(weights, "VGG", blocks).unwrap();
     assert_eq!(net.num_classes(), Some(10));
     let (x, n, hw) = input(&r);
     let s = net.forward_stages(&x, n, hw);
@@ -128,6 +135,17 @@ fn reduced_vgg16_matches_torchvision_at_every_stage() {
 #[test]
 fn reduced_vgg19_matches_torchvision_at_every_stage() {
     check_vgg("vgg19_tiny", vgg::VGG19_BLOCKS);
+}
+
+/// The same weights as torch.save writes them (the format torchvision publishes VGG in): the
+/// PyTorch reader must keep torchvision's `features.N` indices, whose gaps place the pools
+/// (burn's reader renumbers them 0, 1, 2... unless told not to).
+#[test]
+fn reduced_vgg16_from_a_pytorch_file_matches_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("vgg16_tiny.pth");
+    common::pth_from(&fixture("vgg16_tiny.safetensors"), &pth, &[]);
+    check_vgg_weights("vgg16_tiny", &pth, vgg::VGG16_BLOCKS);
 }
 
 #[test]

@@ -81,7 +81,12 @@ impl StateDict {
                 Store::Safetensors(Box::new(SafetensorsStore::from_file(path)))
             }
             crate::backbones::inception_v3::WeightFormat::Pytorch => {
-                Store::Pytorch(Box::new(PytorchStore::from_file(path)))
+                // burn renumbers `nn.Sequential` indices contiguously by default
+                // (features.0, .2, .5 -> .0, .1, .2); the names must stay torchvision's, whose
+                // gaps say where VGG's pools are.
+                Store::Pytorch(Box::new(
+                    PytorchStore::from_file(path).map_indices_contiguous(false),
+                ))
             }
         };
         let names = match &mut store {

@@ -72,7 +72,8 @@ impl WeightIndex {
     fn pytorch(path: &Path) -> Result<Self, String> {
         use burn::store::{ModuleStore, PytorchStore};
         // Reads the pickle (names, shapes, offsets), not the tensors' data.
-        let mut store = PytorchStore::from_file(path);
+        // The file's own names (burn would renumber Sequential indices contiguously).
+        let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
         let mut names = store.keys().map_err(|e| e.to_string())?;
         names.sort();
         Ok(Self {

@@ -121,11 +121,20 @@ pub fn ok(cmd: &mut std::process::Command) -> String {
 /// Writes a PyTorch state dict made from the shared InceptionV3 safetensors with
 /// tests/fixtures/make_pth.py (`--add-fc N`, `--add-aux`, `--drop NAME`, ...).
 pub fn make_pth(out: &std::path::Path, args: &[&str]) {
+    pth_from(
+        &shared("weights/inception_v3_tf2015.safetensors"),
+        out,
+        args,
+    );
+}
+
+/// Writes `src` (safetensors) as torch.save writes a state dict, with make_pth.py.
+pub fn pth_from(src: &Path, out: &Path, args: &[&str]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_pth.py");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let status = std::process::Command::new(&python)
         .arg(&script)
-        .arg(shared("weights/inception_v3_tf2015.safetensors"))
+        .arg(src)
         .arg(out)
         .args(args)
         .status()
