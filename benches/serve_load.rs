@@ -57,7 +57,8 @@ fn parse_args() -> Options {
             }
             "--bench" => {} // cargo bench passes it
             "--" => {
-                o.serve_args = args.by_ref().collect();
+                // cargo bench appends --bench after everything, the serve arguments included.
+                o.serve_args = args.by_ref().filter(|a| a != "--bench").collect();
             }
             other => panic!("unknown argument {other}"),
         }
@@ -110,7 +111,7 @@ fn start_server(o: &Options) -> Server {
     let base = line
         .trim()
         .strip_prefix("listening on ")
-        .expect("the address")
+        .unwrap_or_else(|| panic!("dltool serve {:?} exited without its address", o.serve_args))
         .to_string();
     let server = Server(child, base);
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -13,6 +13,7 @@ use std::time::Duration;
 #[command(
     mut_arg("batch_size", |a| a
         .long("max-batch")
+        .value_name("N")
         .default_value("16")
         .help("Largest network batch: images of concurrent requests are run together up to \
                this many")),
