@@ -481,7 +481,12 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         symlink(&target, &link).with_context(|| format!("{}: cannot link", link.display()))?;
     }
     let setup = Setup {
-        backbone: spec.name,
+        // An ONNX file's children run it as the onnx network, not as the default one.
+        backbone: if onnx.is_some() {
+            crate::backbones::onnx::SPEC.name
+        } else {
+            spec.name
+        },
         exe: std::env::current_exe().context("cannot find the dltool executable")?,
         images_dir,
         out_dir,
@@ -587,7 +592,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             "images": setup.images,
             "dir": dir,
             "repeat": args.repeat,
-            "backbone": spec.name,
+            "backbone": setup.backbone,
             "weights": setup.weights,
             "flop_per_image": flop,
             "peak_fp32": peaks.values().collect::<Vec<_>>(),
