@@ -82,7 +82,7 @@ impl std::str::FromStr for Tta {
 }
 
 /// Reverses every run of `width` floats: mirrors CHW (or NCHW) data left-right.
-fn mirror_rows(data: &mut [f32], width: usize) {
+pub fn mirror_rows(data: &mut [f32], width: usize) {
     data.chunks_exact_mut(width).for_each(<[f32]>::reverse);
 }
 
@@ -265,7 +265,9 @@ impl Backbone {
         let (net, preprocess, backbone, shape) = match kind {
             BackboneKind::InceptionV3 => {
                 let layer: Layer = layer_name.parse().map_err(|e| {
-                    anyhow::anyhow!("--layer: {e} (InceptionV3 has mixed_5d, mixed_6e, mixed_7c)")
+                    anyhow::anyhow!(
+                        "--layer: {e} (InceptionV3 has mixed_5d, mixed_6e, mixed_7a, mixed_7c)"
+                    )
                 })?;
                 let (model, loaded) = inception_v3::load(path, opts.variant, &device)?;
                 (

@@ -11,6 +11,7 @@ pub mod device;
 pub mod feature_parquet;
 pub mod features;
 pub mod featurize;
+pub mod finetune;
 pub mod head;
 pub mod image_io;
 pub mod inception_fast;

@@ -76,7 +76,7 @@ pub struct Args {
     #[arg(long, value_name = "VARIANT")]
     pub variant: Option<BlockVariant>,
 
-    /// Layer to read features from: mixed_5d, mixed_6e or mixed_7c for InceptionV3
+    /// Layer to read features from: mixed_5d, mixed_6e, mixed_7a or mixed_7c for InceptionV3
     /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1.
     #[arg(long, value_name = "LAYER")]
     pub layer: Option<String>,

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod classify;
 pub mod evaluate;
 pub mod featurize;
+pub mod fine_tune;
 pub mod predict;
 pub mod split;
 pub mod train_head;

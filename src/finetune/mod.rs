@@ -1,0 +1,189 @@
+//! Fine-tuning: train the top of a pretrained network (and a new classifier) on the user's
+//! images, the way DL4J's `TransferLearningHelper` does it: the frozen bottom runs once per
+//! image and view on dltool's CPU engine and its activations at the cut layer are cached
+//! ([`cache`]); the blocks above the cut run in burn with autodiff ([`top`], [`train`]).
+//!
+//! BatchNorm in the trained blocks is held in inference mode: it is folded into the
+//! convolutions, which is exact for the pretrained statistics, and a few hundred images are too
+//! few to estimate new ones (batches of 32 would make them noisy, and the pretrained blocks
+//! were tuned to the ImageNet statistics).
+//!
+//! The result is a head file of kind `fine-tuned` ([`crate::head`]): features are the cut
+//! layer's activations (`pool none`), the head is the trained top.
+
+pub mod cache;
+pub mod top;
+pub mod train;
+
+use crate::backbone::{Backbone, BackboneKind};
+use crate::featurize::{self, Outcome};
+use crate::inception_v3::Layer;
+use crate::inputs::Input;
+use crate::journal::FileStamp;
+use cache::{ActivationCache, VIEWS};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use top::FineTunedNet;
+pub use train::{EpochReport, FineTuneParams, StepReport, TrainReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FineTuneError {
+    #[error(
+        "--from-layer {layer}: not a fine-tuning cut point of inception_v3 (cut points: {})",
+        CUT_POINTS.join(", ")
+    )]
+    NotACutPoint { layer: String },
+    #[error("--backbone {0}: fine-tuning supports inception_v3 only")]
+    Backbone(String),
+    #[error("{path}: activation cache: {message}")]
+    Cache { path: PathBuf, message: String },
+    #[error("{0}")]
+    Params(String),
+    #[error("training diverged in epoch {epoch} (loss {loss}); try a smaller --lr / --head-lr")]
+    Diverged { epoch: usize, loss: f64 },
+    #[error("interrupted before the first epoch finished: no model to keep")]
+    Interrupted,
+}
+
+/// Layers of InceptionV3 the trainable top can start above.
+pub const CUT_POINTS: [&str; 2] = ["mixed_6e", "mixed_7a"];
+
+/// The default cut: train Mixed_7a..7c (the reference trained the last third).
+pub const DEFAULT_CUT: &str = "mixed_6e";
+
+/// The cut layer named `name` for `kind`.
+pub fn cut_layer(kind: BackboneKind, name: &str) -> Result<Layer, FineTuneError> {
+    if kind.name() != "inception_v3" {
+        return Err(FineTuneError::Backbone(kind.name().to_string()));
+    }
+    cut_point(name)
+}
+
+/// The InceptionV3 layer named `name`, if the trainable top can start above it.
+pub fn cut_point(name: &str) -> Result<Layer, FineTuneError> {
+    match name.parse::<Layer>() {
+        Ok(layer @ (Layer::Mixed6e | Layer::Mixed7a)) => Ok(layer),
+        _ => Err(FineTuneError::NotACutPoint {
+            layer: name.to_string(),
+        }),
+    }
+}
+
+/// What [`fill`] did.
+#[derive(Debug, Default)]
+pub struct FillReport {
+    /// Images found in the cache from an earlier (or interrupted) run.
+    pub reused: usize,
+    /// Images computed now.
+    pub computed: usize,
+    /// Images that could not be read or decoded: (display path, reason).
+    pub skipped: Vec<(String, String)>,
+    /// Ctrl-C stopped the filling; what was computed is kept.
+    pub interrupted: bool,
+}
+
+/// Computes every view of every input not in `cache` yet (the network runs on the batches of
+/// `batch_size` images the featurize loop decodes), appending each as it is done, then selects
+/// the inputs that are cached, in input order. `on_image` is called once per input.
+pub fn fill(
+    cache: &mut ActivationCache,
+    backbone: &Backbone,
+    inputs: &[Input],
+    batch_size: usize,
+    max_pixels: u64,
+    stop: &AtomicBool,
+    mut on_image: impl FnMut(),
+) -> anyhow::Result<FillReport> {
+    let mut report = FillReport::default();
+    let mut stamps = Vec::with_capacity(inputs.len());
+    let mut todo = Vec::new();
+    for input in inputs {
+        let key = input.path.display().to_string();
+        let stamp = std::fs::metadata(&input.path)
+            .and_then(|m| FileStamp::of(&m))
+            .ok();
+        if let Some(s) = stamp
+            && cache.is_fresh(&key, s)
+        {
+            report.reused += 1;
+            on_image();
+        } else {
+            todo.push(input.clone());
+        }
+        stamps.push(stamp);
+    }
+    let dim = cache.dim();
+    let network = |pixels: Vec<f32>, n: usize| {
+        let mut mirrored = pixels.clone();
+        crate::backbone::mirror_rows(&mut mirrored, backbone.preprocess.width as usize);
+        let original = backbone.features(pixels, n);
+        let mirror = backbone.features(mirrored, n);
+        // Per image: its views back to back, as `ActivationCache::append` takes them.
+        let mut out = Vec::with_capacity(n * dim * VIEWS.len());
+        for i in 0..n {
+            out.extend_from_slice(&original[i * dim..(i + 1) * dim]);
+            out.extend_from_slice(&mirror[i * dim..(i + 1) * dim]);
+        }
+        out
+    };
+    let result = featurize::run_network(
+        backbone,
+        &todo,
+        batch_size,
+        max_pixels,
+        dim * VIEWS.len(),
+        network,
+        |i, outcome| {
+            let input = &todo[i];
+            match outcome {
+                Outcome::Features(views) => {
+                    let key = input.path.display().to_string();
+                    // Stamp taken after the network read the file, so a file changed while
+                    // it was read is stale next time rather than wrongly fresh.
+                    let stamp = std::fs::metadata(&input.path).and_then(|m| FileStamp::of(&m));
+                    match stamp {
+                        Ok(stamp) => {
+                            cache.append(&key, &input.label, stamp, views)?;
+                            report.computed += 1;
+                        }
+                        Err(e) => report.skipped.push((input.display.clone(), e.to_string())),
+                    }
+                }
+                Outcome::Skipped(reason) => report
+                    .skipped
+                    .push((input.display.clone(), reason.to_string())),
+            }
+            on_image();
+            if stop.load(Ordering::SeqCst) {
+                anyhow::bail!(Stopped);
+            }
+            Ok(())
+        },
+    );
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is::<Stopped>() => report.interrupted = true,
+        Err(e) => return Err(e),
+    }
+    let mut selected = Vec::new();
+    for (input, stamp) in inputs.iter().zip(stamps) {
+        let key = input.path.display().to_string();
+        let stamp = std::fs::metadata(&input.path)
+            .and_then(|m| FileStamp::of(&m))
+            .ok()
+            .or(stamp);
+        if let Some(s) = stamp
+            && cache.is_fresh(&key, s)
+        {
+            selected.push((key, input.label.clone(), s));
+        }
+    }
+    cache.select(&selected);
+    Ok(report)
+}
+
+/// Ctrl-C while filling the cache.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Stopped;
