@@ -68,20 +68,17 @@ type Kernel = fn(u64) -> f32;
 
 #[cfg(target_arch = "x86_64")]
 fn fma_kernel() -> Option<(&'static str, Kernel)> {
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        Some(("avx512f", |n| {
-            // SAFETY: the CPU has AVX-512F (checked above).
+    use crate::engine::cpu::{Simd, simd};
+    match simd() {
+        Simd::Avx512 => Some(("avx512f", |n| {
+            // SAFETY: `simd()` names AVX-512 only when the CPU has AVX-512F.
             unsafe { x86::fma_avx512(n) }
-        }))
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        Some(("avx2+fma", |n| {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
+        })),
+        Simd::Avx2 => Some(("avx2+fma", |n| {
+            // SAFETY: as above, for AVX2 and FMA.
             unsafe { x86::fma_avx2(n) }
-        }))
-    } else {
-        None
+        })),
+        Simd::Scalar => None,
     }
 }
 

@@ -666,19 +666,20 @@ impl Isa {
     #[cfg(target_arch = "x86_64")]
     const AVX512: u8 = 2;
 
+    /// The engine's one dispatch decides (`DLTOOL_SIMD` can force a path).
     fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2;
-            }
+        Self::of(crate::engine::cpu::simd())
+    }
+
+    fn of(simd: crate::engine::cpu::Simd) -> Self {
+        use crate::engine::cpu::Simd;
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => Isa::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => Isa::Avx2,
+            _ => Isa::Generic,
         }
-        Isa::Generic
     }
 }
 
@@ -1528,13 +1529,10 @@ mod tests {
         problem.isa = Isa::Generic;
         let mut grad = vec![0.0; theta.len()];
         let f = problem.eval(&theta, &mut grad);
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut units = vec![Isa::detect()];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            units.push(Isa::Avx2);
-        }
+        let units: Vec<Isa> = crate::engine::cpu::Simd::available_paths()
+            .into_iter()
+            .map(Isa::of)
+            .collect();
         eprintln!("vector units compared with the portable kernels: {units:?}");
         for isa in units {
             problem.isa = isa;

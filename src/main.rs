@@ -37,6 +37,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A forced vector unit this CPU lacks is refused before any kernel runs.
+    if let Err(e) = dltool::engine::cpu::from_env() {
+        eprintln!("dltool: error: {e}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Featurize(args) => commands::featurize::run(args),
         Command::Split(args) => commands::split::run(args),

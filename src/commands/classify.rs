@@ -3,7 +3,7 @@
 
 use super::predict::OutputFormat;
 use super::{Sink, Status};
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Tta};
+use crate::backbone::{Backbone, BackboneOptions, Tta};
 use crate::inputs;
 use crate::labels::{self, Label};
 use anyhow::{Context, bail};
@@ -27,14 +27,8 @@ pub struct Args {
     #[arg(value_name = "PATH", required = true)]
     pub paths: Vec<String>,
 
-    /// Network [default: what --weights is, else inception_v3].
-    #[arg(long, value_name = "inception_v3|mobilenet_v1")]
-    pub backbone: Option<BackboneKind>,
-
-    /// Weights: a file, a TF.js model folder, or a fetched registry name [default: as featurize
-    /// finds them].
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: super::NetworkChoice,
 
     /// Class names, one per classifier output [default: next to the weights].
     #[arg(long, value_name = "FILE")]
@@ -118,10 +112,8 @@ fn format_row(
 pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.run.threads);
     let opts = BackboneOptions {
-        kind: args.backbone,
-        weights: args.weights.clone(),
         tta: args.tta,
-        ..BackboneOptions::default()
+        ..args.net.options()
     };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;

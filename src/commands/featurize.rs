@@ -1,13 +1,12 @@
 //! `dltool featurize`: images in, one feature row per image out.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
+use crate::backbone::Backbone;
 use crate::features::{
     self, CsvFeatureWriter, FeatureError, Format, ParquetFeatureWriter, Row,
     SafetensorsFeatureWriter,
 };
 use crate::featurize::{self, Outcome};
-use crate::inception_v3::BlockVariant;
 use crate::inputs::{self, Found, Input, Shard};
 use crate::journal::{FileStamp, Journal};
 use anyhow::{Context, bail};
@@ -62,33 +61,8 @@ pub struct Args {
     #[arg(long)]
     pub no_header: bool,
 
-    /// Weights: a file (InceptionV3 safetensors or PyTorch state dict; MobileNet v1 TF.js
-    /// model.json), a TF.js model folder, or a fetched registry name [default: $DLTOOL_WEIGHTS,
-    /// then assets/weights/, then the user cache].
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
-
-    /// Network to run [default: what --weights is, else inception_v3].
-    #[arg(long, value_name = "inception_v3|mobilenet_v1")]
-    pub backbone: Option<BackboneKind>,
-
-    /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
-    #[arg(long, value_name = "VARIANT")]
-    pub variant: Option<BlockVariant>,
-
-    /// Layer to read features from: mixed_5d, mixed_6e, mixed_7a or mixed_7c for InceptionV3
-    /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1.
-    #[arg(long, value_name = "LAYER")]
-    pub layer: Option<String>,
-
-    /// Spatial pooling of the layer: avg, max, or none (flatten C*H*W, channel-major).
-    #[arg(long, default_value = "avg", value_name = "avg|max|none")]
-    pub pool: Pool,
-
-    /// Test-time augmentation: flip also runs each image mirrored left-right and averages the
-    /// two feature vectors (twice the network time; recorded in the output's provenance).
-    #[arg(long, default_value = "none", value_name = "none|flip")]
-    pub tta: Tta,
+    #[command(flatten)]
+    pub net: super::BackboneArgs,
 
     /// Reuse rows of unchanged images from OUT.journal (left by an earlier or interrupted run).
     #[arg(long)]
@@ -171,14 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         eprintln!("skipped {}: {}", skip.display, skip.reason);
     }
 
-    let opts = BackboneOptions {
-        kind: args.backbone,
-        weights: args.weights.clone(),
-        variant: args.variant,
-        layer: args.layer.clone(),
-        pool: args.pool,
-        tta: args.tta,
-    };
+    let opts = args.net.options();
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load(&opts, device)?;
 

@@ -35,6 +35,69 @@ pub struct NetworkArgs {
     pub device: crate::device::DeviceChoice,
 }
 
+/// Which network and weights: shared by the commands that load one.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NetworkChoice {
+    /// Weights: a file (InceptionV3 safetensors or PyTorch state dict; MobileNet v1 TF.js
+    /// model.json), a TF.js model folder, or a fetched registry name [default: $DLTOOL_WEIGHTS,
+    /// then assets/weights/, then the user cache].
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<std::path::PathBuf>,
+
+    /// Network to run [default: what --weights holds, else inception_v3].
+    #[arg(long, value_enum)]
+    pub backbone: Option<crate::backbone::BackboneKind>,
+
+    /// InceptionV3 block layout, when the weight file does not say [tf2015|torchvision].
+    #[arg(long, value_name = "VARIANT")]
+    pub variant: Option<crate::inception_v3::BlockVariant>,
+}
+
+/// The network and what features to read from it: shared by every command that runs a network
+/// for features (featurize) or records where features came from (train-head, tune).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackboneArgs {
+    #[command(flatten)]
+    pub choice: NetworkChoice,
+
+    /// Layer to read features from: mixed_5d, mixed_6e or mixed_7c for InceptionV3
+    /// [default: mixed_7c]; conv_pw_13_relu for MobileNet v1.
+    #[arg(long, value_name = "LAYER")]
+    pub layer: Option<String>,
+
+    /// Spatial pooling of the layer: avg, max, or none (flatten C*H*W, channel-major).
+    #[arg(long, default_value = "avg", value_name = "avg|max|none")]
+    pub pool: crate::backbone::Pool,
+
+    /// Test-time augmentation: flip also runs each image mirrored left-right and averages the
+    /// two feature vectors (twice the network time; recorded in the output's provenance).
+    #[arg(long, default_value = "none", value_name = "none|flip")]
+    pub tta: crate::backbone::Tta,
+}
+
+impl NetworkChoice {
+    /// The options with this choice and the defaults for the rest.
+    pub fn options(&self) -> crate::backbone::BackboneOptions {
+        crate::backbone::BackboneOptions {
+            kind: self.backbone,
+            weights: self.weights.clone(),
+            variant: self.variant.map(|v| v.name().to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+impl BackboneArgs {
+    pub fn options(&self) -> crate::backbone::BackboneOptions {
+        crate::backbone::BackboneOptions {
+            layer: self.layer.clone(),
+            pool: self.pool,
+            tta: self.tta,
+            ..self.choice.options()
+        }
+    }
+}
+
 /// Opens the device `--device` names; unless `quiet`, says which GPU the network runs on (the
 /// CPU, the default, goes unsaid).
 pub fn open_device(

@@ -1,7 +1,7 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
+use crate::backbone::Backbone;
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
 use crate::logistic::LogisticParams;
@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0, help_heading = "MLP")]
     pub seed: u64,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Provenance of CSV features")]
     pub provenance: ProvenanceFlags,
 
     /// Worker threads [default: all cores].
@@ -148,44 +148,9 @@ impl HeadFlags {
     }
 }
 
-/// Where CSV features came from (safetensors features say it themselves).
-#[derive(clap::Args, Debug, Clone)]
-pub struct ProvenanceFlags {
-    /// For features without provenance (CSV; Parquet from other tools): the weights they were
-    /// made with [default: as featurize finds them].
-    #[arg(long, value_name = "FILE", help_heading = "Provenance of CSV features")]
-    pub weights: Option<PathBuf>,
-    /// For CSV features: the network they came from [default: what --weights is, else
-    /// inception_v3].
-    #[arg(
-        long,
-        value_name = "inception_v3|mobilenet_v1",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub backbone: Option<BackboneKind>,
-    /// For CSV features: the layer they were read from [default: the network's last].
-    #[arg(
-        long,
-        value_name = "LAYER",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub layer: Option<String>,
-    /// For CSV features: their pooling.
-    #[arg(
-        long,
-        default_value = "avg",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub pool: Pool,
-    /// For CSV features: the test-time augmentation they were made with (featurize --tta).
-    #[arg(
-        long,
-        default_value = "none",
-        value_name = "none|flip",
-        help_heading = "Provenance of CSV features"
-    )]
-    pub tta: Tta,
-}
+/// Where CSV features came from (safetensors features say it themselves): the flags that make
+/// features, under their own heading.
+pub type ProvenanceFlags = super::BackboneArgs;
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
     match s {
@@ -235,14 +200,7 @@ pub fn provenance(
     if let Some(meta) = &table.meta {
         return Ok(meta.clone());
     }
-    let opts = BackboneOptions {
-        kind: flags.backbone,
-        weights: flags.weights.clone(),
-        variant: None,
-        layer: flags.layer.clone(),
-        pool: flags.pool,
-        tta: flags.tta,
-    };
+    let opts = flags.options();
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
         anyhow::anyhow!(

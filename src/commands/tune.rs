@@ -64,7 +64,7 @@ pub struct Args {
     #[command(flatten)]
     pub head: HeadFlags,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Provenance of CSV features")]
     pub provenance: ProvenanceFlags,
 
     /// Worker threads [default: all cores].

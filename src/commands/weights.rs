@@ -99,10 +99,20 @@ fn lookup(name: &str) -> anyhow::Result<&'static Entry> {
 
 /// The check a file must pass before import: it loads as the entry's network.
 fn validate(entry: &Entry, path: &Path) -> Result<(), String> {
+    let spec = crate::backbones::of_registry_entry(entry.name)
+        .ok_or_else(|| format!("{}: no network of dltool uses this entry", entry.name))?;
+    crate::backbones::check_weights_for(spec, path).map_err(|e| e.to_string())?;
     match entry.format {
-        Format::Pytorch => crate::inception_v3::load(path, None, &burn::prelude::Device::flex())
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Format::Pytorch => {
+            let device = burn::prelude::Device::flex();
+            let opts = crate::backbones::LoadOptions {
+                device: &device,
+                variant: None,
+            };
+            (spec.load)(path, &opts)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
         Format::TfjsLayers => {
             let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
             let json: serde_json::Value =

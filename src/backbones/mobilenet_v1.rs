@@ -21,6 +21,10 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Input sides a model.json may declare: five stride-2 layers need at least 32 pixels, and
+/// beyond 2048 (12 MB of floats per image) a typo is likelier than a real model.
+const INPUT_SIZES: std::ops::RangeInclusive<usize> = 32..=2048;
+
 /// Architecture of one MobileNet v1 export, as read from its `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MobileNetV1Config {
@@ -296,7 +300,22 @@ fn plan(layers: &[Value]) -> Result<Plan, String> {
                 let dim = |i: usize| shape.get(i).and_then(Value::as_u64).map(|v| v as usize);
                 // Exports with a free spatial size run at the size the weights were trained for.
                 let size = dim(1).unwrap_or(224);
+                if let Some(w) = dim(2).filter(|&w| w != size) {
+                    return Err(at(&format!(
+                        "input is {size}x{w}: only square inputs are supported"
+                    )));
+                }
+                if !INPUT_SIZES.contains(&size) {
+                    return Err(at(&format!(
+                        "input size {size} is outside {}..={} pixels",
+                        INPUT_SIZES.start(),
+                        INPUT_SIZES.end()
+                    )));
+                }
                 let channels = dim(3).ok_or_else(|| at("input channels are not channels-last"))?;
+                if channels != 3 {
+                    return Err(at(&format!("{channels} input channels, expected 3 (RGB)")));
+                }
                 input = Some((size, channels));
             }
             "ZeroPadding2D" => {
@@ -513,6 +532,12 @@ fn read_weights(json: &Value, dir: &Path, shown: &str) -> Result<Tensors, LoadEr
             let (values, used) = decode(entry, len, size, &bytes[offset..])
                 .map_err(|m| bad(format!("weight '{name}': {m}")))?;
             offset += used;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "tensor {name} holds {}: refusing weights that are not finite",
+                    if v.is_nan() { "NaN" } else { "an infinity" }
+                )));
+            }
             tensors.insert(name, (shape, values));
         }
     }
@@ -719,6 +744,133 @@ impl Weights {
             device,
         )));
         Some(linear)
+    }
+}
+
+/// The one layer MobileNet v1 exposes: the last feature map before its global pool.
+pub const LAYER: &str = "conv_pw_13_relu";
+
+pub static SPEC: crate::backbones::Spec = crate::backbones::Spec {
+    name: "mobilenet_v1",
+    title: "MobileNet v1",
+    help: "MobileNet v1 (Keras' ImageNet weights as a TF.js model.json), any width and input size",
+    input: [224, 224],
+    // Provenance `mobilenet_v1/0.25_224`: alpha, then the input side.
+    preprocess: |variant| {
+        let size: u32 = variant.rsplit_once('_')?.1.parse().ok()?;
+        Some(crate::image_io::Preprocess {
+            width: size,
+            height: size,
+            mean: [127.5; 3],
+            std: [127.5; 3],
+        })
+    },
+    layers: &[crate::backbones::LayerSpec {
+        name: LAYER,
+        shape: None,
+    }],
+    default_layer: LAYER,
+    variants: &[],
+    // A TF.js Layers model: its loader reads the topology and says if it is not a MobileNet.
+    recognise: |index| index.container == crate::backbones::weight_file::Container::TfjsModel,
+    files: &[
+        "mobilenet_v1_1.0_224/model.json",
+        "mobilenet_v1_0.75_224/model.json",
+        "mobilenet_v1_0.50_224/model.json",
+        "mobilenet_v1_0.25_224/model.json",
+    ],
+    registry_entry: "mobilenet_v1_1.0_224",
+    gpu: true,
+    load: load_network,
+};
+
+fn load_network(
+    path: &Path,
+    opts: &crate::backbones::LoadOptions,
+) -> Result<Box<dyn crate::backbones::Network>, crate::backbones::LoadError> {
+    if opts.variant.is_some() {
+        return Err(crate::backbones::LoadError::NoVariant {
+            path: path.display().to_string(),
+            network: SPEC.title,
+        });
+    }
+    let (model, config) = load(path, opts.device)?;
+    Ok(Box::new(MobileNetNet {
+        model,
+        config,
+        device: opts.device.clone(),
+    }))
+}
+
+/// A loaded MobileNet v1.
+pub struct MobileNetNet {
+    model: MobileNetV1,
+    config: MobileNetV1Config,
+    device: Device,
+}
+
+impl MobileNetNet {
+    fn input(&self, pixels: &[f32], n: usize) -> Tensor<4> {
+        let s = self.config.input_size;
+        Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), [n, 3, s, s]), &self.device)
+    }
+}
+
+impl crate::backbones::Network for MobileNetNet {
+    fn spec(&self) -> &'static crate::backbones::Spec {
+        &SPEC
+    }
+
+    fn provenance(&self) -> String {
+        format!(
+            "{}/{:.2}_{}",
+            SPEC.name, self.config.alpha, self.config.input_size
+        )
+    }
+
+    fn preprocess(&self) -> crate::image_io::Preprocess {
+        self.config.preprocess()
+    }
+
+    fn layers(&self) -> Vec<String> {
+        vec![LAYER.to_string()]
+    }
+
+    fn layer_shape(&self, layer: &str) -> Option<crate::backbones::LayerShape> {
+        let c = &self.config;
+        (layer == LAYER).then_some(crate::backbones::LayerShape::Map([
+            c.feature_dim,
+            c.map_size,
+            c.map_size,
+        ]))
+    }
+
+    fn features(
+        &self,
+        pixels: &[f32],
+        n: usize,
+        _layer: &str,
+        pool: crate::backbones::Pool,
+    ) -> Vec<f32> {
+        let act = self.model.forward_map(self.input(pixels, n));
+        crate::backbones::burn_pool(act, pool, n)
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.model.classifier.as_ref().map(|fc| fc.weight.dims()[1])
+    }
+
+    fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
+        self.model.classifier.as_ref()?;
+        let probs = self
+            .model
+            .classify(self.model.forward_features(self.input(pixels, n)))?;
+        Some(
+            probs
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("the network returns f32"),
+        )
     }
 }
 

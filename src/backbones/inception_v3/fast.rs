@@ -11,8 +11,8 @@
 //!   the branch's 32..192 output channels instead of the block's 192..2048 input channels, and
 //!   the convolution joins the block's fused GEMM.
 
-use crate::cpu_conv::{self, Act, Conv, Epilogue, Pool3x3};
-use crate::inception_v3::{BlockVariant, InceptionV3, Layer};
+use super::{BlockVariant, InceptionV3, Layer};
+use crate::engine::cpu_conv::{self, Act, Conv, Epilogue, Pool3x3};
 use std::collections::HashMap;
 
 /// Channels and sizes of the input the network takes.

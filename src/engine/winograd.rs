@@ -17,7 +17,7 @@
 //! Why by hand: no maintained crate does Winograd convolution on NHWC f32 data; the
 //! multiplications still go through the `gemm` crate.
 
-use crate::cpu_conv::Act;
+use crate::engine::cpu_conv::Act;
 use std::cell::RefCell;
 
 /// Calls `$f` compiled for AVX-512 or AVX2 when the CPU has them: the transforms are long
@@ -36,13 +36,12 @@ macro_rules! simd_dispatch {
             fn avx2($($a: $t),*) {
                 $f::<true>($($a),*)
             }
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX-512F and FMA (checked above).
-                return unsafe { avx512($($a),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { avx2($($a),*) };
+            match $crate::engine::cpu::simd() {
+                // SAFETY: `simd()` names a path only when the CPU has it (AVX-512F and FMA).
+                $crate::engine::cpu::Simd::Avx512 => return unsafe { avx512($($a),*) },
+                // SAFETY: as above, AVX2 and FMA.
+                $crate::engine::cpu::Simd::Avx2 => return unsafe { avx2($($a),*) },
+                $crate::engine::cpu::Simd::Scalar => {}
             }
         }
         $f::<false>($($a),*)
@@ -232,7 +231,7 @@ pub struct WinogradConv {
 }
 
 impl WinogradConv {
-    /// From a weight in the im2col order [`crate::cpu_conv::Conv`] keeps it in (`w[k][cout]`,
+    /// From a weight in the im2col order [`crate::engine::cpu_conv::Conv`] keeps it in (`w[k][cout]`,
     /// `k = (ky * kw + kx) * cin + ci`), its bias, and `m_y x m_x` outputs per tile (1 along an
     /// axis where the kernel is 1). Bias and ReLU follow every output.
     pub fn new(
@@ -368,7 +367,7 @@ impl WinogradConv {
             let fast = self.avx512();
             if fast {
                 // Tile rows in parallel: each writes its own rows of every position's plane.
-                let vp = crate::cpu_conv::SyncPtr(v.as_mut_ptr());
+                let vp = crate::engine::cpu_conv::SyncPtr(v.as_mut_ptr());
                 let v_len = positions * tiles * cin;
                 b.tys
                     .clone()
@@ -500,7 +499,7 @@ impl WinogradConv {
                 && self.cout.is_multiple_of(16)
                 && self.alpha[0] * self.alpha[1] <= 64
                 && self.tile[0] * self.tile[1] <= 64
-                && std::arch::is_x86_feature_detected!("avx512f")
+                && crate::engine::cpu::simd() == crate::engine::cpu::Simd::Avx512
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -680,7 +679,7 @@ fn transform_output_impl<const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::WinogradConv;
-    use crate::cpu_conv::Act;
+    use crate::engine::cpu_conv::Act;
     use std::arch::x86_64::*;
 
     /// `sum k * vals[col * stride + off]` over a sparse transform row.

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-use crate::winograd::WinogradConv;
+use crate::engine::winograd::WinogradConv;
 
 /// `n` images of `h` x `w` pixels with `c` channels each, stored `[n][h][w][c]`.
 ///

@@ -1,0 +1,9 @@
+//! The CPU engine: NHWC convolution, pooling and Winograd kernels that know no network, and
+//! the one place that decides which vector unit they (and the logistic kernels) use.
+//!
+//! Networks build their graphs from these kernels in `crate::backbones`; nothing here names a
+//! layer or a weight file.
+
+pub mod cpu;
+pub mod cpu_conv;
+pub mod winograd;
