@@ -125,6 +125,11 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
         "7",
         "--validation-fraction",
         "0.2",
+        // 32 training photos x 2 views: batches of 8 give 8 steps an epoch instead of 2.
+        "--train-batch",
+        "8",
+        "--head-lr",
+        "0.003",
     ];
 
     let first = dir.path().join("first.safetensors");

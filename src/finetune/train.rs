@@ -139,6 +139,7 @@ pub fn split(
 /// per image in `labels`). `stop` (Ctrl-C) ends training after the current step; the best
 /// model by validation loss among the finished epochs is returned, or `Interrupted` when none
 /// finished.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     net: FineTunedNet,
     cache: &mut ActivationCache,
