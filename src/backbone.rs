@@ -195,7 +195,7 @@ impl Backbone {
         })?;
         // For a TF.js model the fingerprint covers model.json; its shards are checked by the
         // registry (`dltool weights verify`), and a changed shard changes the features anyway.
-        let sha = crate::weights::sha256_file(path)
+        let sha = crate::weights::fingerprint(path)
             .with_context(|| format!("{}: cannot read weights", path.display()))?;
         let meta = FeatureMeta {
             backbone: net.provenance(),

@@ -90,7 +90,7 @@ pub fn select(choice: DeviceChoice) -> Result<Opened, String> {
 pub fn open(choice: DeviceChoice) -> Result<(Device, String), String> {
     let opened = select(choice)?;
     if let Some(warning) = &opened.warning {
-        eprintln!("dltool: warning: {warning}");
+        crate::note!("dltool: warning: {warning}");
     }
     Ok((opened.device, opened.description))
 }

@@ -77,6 +77,29 @@ pub(crate) fn invalid(file: &Path, msg: impl Into<String>) -> FeatureError {
     }
 }
 
+/// A file name's bytes as text: UTF-8 as it is, every other byte as `\xHH`. Two names that
+/// differ in their bytes stay different (`x\xff.bmp`, `x\xfe.bmp`), where a lossy conversion
+/// makes both `x\u{fffd}.bmp`. A valid name holding a literal `\xff` reads the same; the
+/// journal (raw paths) and safetensors' `path_bytes` (raw bytes) keep even those apart.
+pub fn escape_path_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// `escape_path_bytes` of an OS string (a path, a file name).
+pub fn escape_os(s: &std::ffi::OsStr) -> String {
+    match s.to_str() {
+        Some(text) => text.to_string(),
+        None => escape_path_bytes(s.as_encoded_bytes()),
+    }
+}
+
 /// Quotes user-controlled text for error messages so they stay on one line.
 pub(crate) fn quoted(s: &str) -> String {
     const MAX: usize = 60;
@@ -291,26 +314,154 @@ impl FeatureTable {
 // Atomic output
 // ---------------------------------------------------------------------------
 
-/// A file written under a temporary name in the destination directory and
-/// renamed over the destination by [`AtomicFile::commit`], so readers never see
-/// a half-written output; dropping it uncommitted deletes the temporary.
+/// An output file. Every command that writes one goes through here, so `-o` means the same
+/// everywhere:
+/// - a regular file (or a new one) is written under a temporary name beside it and renamed
+///   over it by [`AtomicFile::commit`], so readers never see a half-written output; dropping it
+///   uncommitted deletes the temporary;
+/// - a symlink is followed: its target is the file replaced (the link stays a link);
+/// - a FIFO, a device or another non-regular file is written in place (a rename would replace
+///   the node itself: `-o /dev/null` would become a regular file, a FIFO's reader would get
+///   nothing). Outputs that need to seek ([`AtomicFile::create_seekable`]) are spooled to an
+///   unnamed temporary file and copied there at commit.
 #[derive(Debug)]
 pub struct AtomicFile {
+    /// What writes go to: the temporary, the destination itself, or the spool.
     file: Option<File>,
-    tmp: PathBuf,
+    /// The path as the user gave it, for messages.
     dest: PathBuf,
+    how: Placement,
+}
+
+#[derive(Debug)]
+enum Placement {
+    Replace { tmp: PathBuf, target: PathBuf },
+    Direct,
+    Spooled { out: File },
+}
+
+/// `path` with its symlinks followed (even a dangling one: its target is where a new file
+/// goes), and what is there now.
+fn resolve_output(path: &Path) -> io::Result<(PathBuf, Option<fs::Metadata>)> {
+    let mut target = path.to_path_buf();
+    for _ in 0..40 {
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = fs::read_link(&target)?;
+                target = match target.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            Ok(m) => return Ok((target, Some(m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((target, None)),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("too many levels of symbolic links"))
+}
+
+/// True when `path` (symlinks followed) exists and is not a regular file or folder: a FIFO, a
+/// device, a socket. Such an output is written in place, and nothing is put beside it.
+pub fn is_special_output(path: &Path) -> bool {
+    matches!(resolve_output(path), Ok((_, Some(m))) if !m.is_file() && !m.is_dir())
+}
+
+/// Refuses an output that is one of the inputs (the same file, by device and inode, whatever
+/// the spelling): writing it would destroy what is being read.
+pub fn refuse_output_over_input<P: AsRef<Path>>(
+    output: &Path,
+    inputs: impl IntoIterator<Item = P>,
+) -> Result<(), FeatureError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = fs::metadata(output) else {
+        return Ok(());
+    };
+    if !out.is_file() {
+        return Ok(());
+    }
+    for input in inputs {
+        let input = input.as_ref();
+        if fs::metadata(input).is_ok_and(|m| m.dev() == out.dev() && m.ino() == out.ino()) {
+            return Err(invalid(
+                output,
+                format!(
+                    "is also an input ({}): refusing to overwrite it, write the output elsewhere",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output whose folder (symlinks followed) does not exist, naming the path as given.
+pub fn check_output_folder(dest: &Path) -> Result<(), FeatureError> {
+    let (target, _) = resolve_output(dest).map_err(|e| io_err(dest, e))?;
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(missing_folder(dest, dir))
+    }
+}
+
+fn missing_folder(dest: &Path, dir: &Path) -> FeatureError {
+    invalid(
+        dest,
+        format!("cannot create it: folder {} does not exist", dir.display()),
+    )
 }
 
 impl AtomicFile {
+    /// An output written front to back.
     pub fn create(dest: &Path) -> Result<AtomicFile, FeatureError> {
-        let dir = match dest.parent() {
+        Self::open(dest, false)
+    }
+
+    /// An output that its writer seeks in (safetensors).
+    pub fn create_seekable(dest: &Path) -> Result<AtomicFile, FeatureError> {
+        Self::open(dest, true)
+    }
+
+    fn open(dest: &Path, seekable: bool) -> Result<AtomicFile, FeatureError> {
+        let (target, existing) = resolve_output(dest).map_err(|e| io_err(dest, e))?;
+        match existing {
+            Some(m) if m.is_dir() => return Err(invalid(dest, "is a folder, not a file")),
+            Some(m) if !m.is_file() => {
+                // No truncate: a FIFO or a device has nothing to cut, and opening must not fail.
+                let out = OpenOptions::new()
+                    .write(true)
+                    .open(&target)
+                    .map_err(|e| io_err(dest, e))?;
+                let (file, how) = if seekable {
+                    (
+                        spool_file().map_err(|e| io_err(dest, e))?,
+                        Placement::Spooled { out },
+                    )
+                } else {
+                    (out, Placement::Direct)
+                };
+                return Ok(AtomicFile {
+                    file: Some(file),
+                    dest: dest.to_path_buf(),
+                    how,
+                });
+            }
+            _ => {}
+        }
+        let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = dest
+        let name = target
             .file_name()
             .ok_or_else(|| invalid(dest, "output path has no file name"))?
-            .to_string_lossy();
+            .to_string_lossy()
+            .into_owned();
         let pid = std::process::id();
         let mut attempt = 0u32;
         loop {
@@ -325,48 +476,97 @@ impl AtomicFile {
                 Ok(file) => {
                     return Ok(AtomicFile {
                         file: Some(file),
-                        tmp,
                         dest: dest.to_path_buf(),
+                        how: Placement::Replace { tmp, target },
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
-                Err(e) => return Err(io_err(&tmp, e)),
+                // The temporary is ours, not the user's: name their path and its folder.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(missing_folder(dest, dir));
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        dest,
+                        format!("cannot create a file in {}: {e}", dir.display()),
+                    ));
+                }
             }
         }
     }
 
-    /// Final destination.
+    /// Final destination, as given.
     pub fn path(&self) -> &Path {
         &self.dest
-    }
-
-    pub fn temp_path(&self) -> &Path {
-        &self.tmp
     }
 
     fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("AtomicFile used after commit")
     }
 
-    /// fsync, rename over the destination, then fsync the directory so the
-    /// rename itself survives a power loss.
+    /// Replace: fsync, rename over the destination, then fsync the directory so the rename
+    /// itself survives a power loss. In place: flush (a spool is copied out first).
     pub fn commit(mut self) -> Result<(), FeatureError> {
-        let file = self.file.take().expect("AtomicFile committed twice");
-        file.sync_all().map_err(|e| io_err(&self.tmp, e))?;
-        drop(file);
-        fs::rename(&self.tmp, &self.dest).map_err(|e| io_err(&self.dest, e))?;
-        #[cfg(unix)]
-        {
-            let dir = match self.dest.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(dir, e))?;
+        let mut file = self.file.take().expect("AtomicFile committed twice");
+        let dest = self.dest.clone();
+        match std::mem::replace(&mut self.how, Placement::Direct) {
+            Placement::Replace { tmp, target } => {
+                let synced = file.sync_all();
+                drop(file);
+                if let Err(e) = synced {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_err(&dest, e));
+                }
+                if let Err(e) = fs::rename(&tmp, &target) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_err(&dest, e));
+                }
+                #[cfg(unix)]
+                {
+                    let dir = match target.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p,
+                        _ => Path::new("."),
+                    };
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| io_err(dir, e))?;
+                }
+                Ok(())
+            }
+            Placement::Direct => file.flush().map_err(|e| io_err(&dest, e)),
+            Placement::Spooled { mut out } => file
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| io::copy(&mut file, &mut out))
+                .and_then(|_| out.flush())
+                .map(|_| ())
+                .map_err(|e| io_err(&dest, e)),
         }
-        Ok(())
     }
+}
+
+/// An unnamed temporary file (created, then unlinked at once) in the system's temp folder.
+fn spool_file() -> io::Result<File> {
+    let dir = std::env::temp_dir();
+    let pid = std::process::id();
+    for attempt in 0..100u32 {
+        let path = dir.join(format!(".dltool-spool.{pid}.{attempt}"));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(file) => {
+                let _ = fs::remove_file(&path);
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(
+        "cannot create a spool file in the temp folder",
+    ))
 }
 
 impl Write for AtomicFile {
@@ -389,8 +589,10 @@ impl Seek for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
+        if self.file.take().is_some()
+            && let Placement::Replace { tmp, .. } = &self.how
+        {
+            let _ = fs::remove_file(tmp);
         }
     }
 }
@@ -634,9 +836,7 @@ pub fn read_csv<R: Read>(r: R, name: &Path) -> Result<FeatureTable, FeatureError
             table.data.push(parse_feature(field, name, row_no, col)?);
         }
     }
-    if row_no == 0 {
-        return Err(invalid(name, "no rows (header only)"));
-    }
+    // Header only: an empty table (an empty shard's part); `read_features` refuses it alone.
     Ok(table)
 }
 
@@ -652,9 +852,19 @@ fn check_csv_header(record: &csv::ByteRecord, name: &Path) -> Result<usize, Feat
     };
     let bad = |msg: String| invalid(name, format!("bad header: {msg}"));
     if record.len() < 2 || field(0) != b"path" || field(1) != b"label" {
-        let shown = String::from_utf8_lossy(record.as_slice());
+        // The fields as the line had them: `as_slice` would run them together.
+        let shown = record
+            .iter()
+            .map(String::from_utf8_lossy)
+            .collect::<Vec<_>>()
+            .join(",");
+        let hint = if record.len() < 2 && (shown.contains(';') || shown.contains('\t')) {
+            " (columns must be separated by commas)"
+        } else {
+            ""
+        };
         return Err(bad(format!(
-            "expected 'path,label,f0,...', found {}",
+            "expected 'path,label,f0,...', found {}{hint}",
             quoted(&shown)
         )));
     }
@@ -892,6 +1102,12 @@ impl<W: Write + Seek> SafetensorsFeatureWriter<W> {
     }
 
     pub fn write_row(&mut self, row: &Row) -> Result<(), FeatureError> {
+        self.write_row_raw(row, row.path.as_bytes())
+    }
+
+    /// [`Self::write_row`] with the path stored as `raw_path` (a file name's own bytes, which
+    /// need not be UTF-8; `row.path` is its escaped form, for messages).
+    pub fn write_row_raw(&mut self, row: &Row, raw_path: &[u8]) -> Result<(), FeatureError> {
         check_row(&self.name, self.dim, row)?;
         let Some(&label) = self.label_index.get(row.label) else {
             return Err(invalid(
@@ -909,7 +1125,7 @@ impl<W: Write + Seek> SafetensorsFeatureWriter<W> {
                 format!("more rows than the {} declared", self.rows),
             ));
         }
-        let path_end = self.path_bytes_written + row.path.len() as u64;
+        let path_end = self.path_bytes_written + raw_path.len() as u64;
         if path_end > self.total_path_bytes {
             return Err(invalid(
                 &self.name,
@@ -936,9 +1152,9 @@ impl<W: Write + Seek> SafetensorsFeatureWriter<W> {
             .map_err(io)?
             .copy_from_slice(&label.to_le_bytes());
         self.path_bytes
-            .reserve(w, row.path.len())
+            .reserve(w, raw_path.len())
             .map_err(io)?
-            .copy_from_slice(row.path.as_bytes());
+            .copy_from_slice(raw_path);
         debug_assert!(self.features.pos + self.features.buf.len() as u64 <= self.features.end);
 
         self.rows_written += 1;
@@ -993,7 +1209,7 @@ impl SafetensorsFeatureWriter<AtomicFile> {
         label_names: &[String],
         meta: Option<&FeatureMeta>,
     ) -> Result<Self, FeatureError> {
-        let file = AtomicFile::create(path)?;
+        let file = AtomicFile::create_seekable(path)?;
         Self::with_name(file, path, rows, dim, total_path_bytes, label_names, meta)
     }
 
@@ -1068,9 +1284,6 @@ fn read_safetensors(path: &Path, file: &File) -> Result<FeatureTable, FeatureErr
             "features tensor is {fshape:?}, expected [rows, dim]"
         )));
     };
-    if n == 0 {
-        return Err(bad("no rows".into()));
-    }
     if dim == 0 {
         return Err(bad(format!(
             "features tensor is {fshape:?}: no feature columns"
@@ -1107,9 +1320,8 @@ fn read_safetensors(path: &Path, file: &File) -> Result<FeatureTable, FeatureErr
                 pbytes.len()
             )));
         }
-        let p = std::str::from_utf8(&pbytes[s as usize..e as usize])
-            .map_err(|_| bad(format!("row {}: path is not valid UTF-8", i + 1)))?;
-        paths.push(p.to_string());
+        // Raw bytes of a file name that is not UTF-8 read as its escaped form, as in CSV.
+        paths.push(escape_path_bytes(&pbytes[s as usize..e as usize]));
     }
     if offsets[n] as u64 != pbytes.len() as u64 {
         return Err(bad(format!(
@@ -1200,8 +1412,15 @@ pub fn read_features(path: &Path) -> Result<FeatureTable, FeatureError> {
     } else {
         read_feature_file(path)?
     };
+    // Each reader accepts an empty table, so the empty part of a sharded run reads in a
+    // folder; alone, there is nothing to train or evaluate on.
     if table.is_empty() {
-        return Err(invalid(path, "no rows"));
+        let what = if !path.is_dir() && Format::detect(path).is_ok_and(|f| f == Format::Csv) {
+            "no rows (header only)"
+        } else {
+            "no rows"
+        };
+        return Err(invalid(path, what));
     }
     Ok(table)
 }

@@ -7,7 +7,7 @@
 //! features or weights they are given and refuse a mismatch instead of answering wrongly.
 
 use crate::features::{AtomicFile, FeatureMeta};
-use crate::image_io::Preprocess;
+use crate::image_io::{ChannelOrder, Preprocess, Resize};
 use crate::logistic::{self, LogisticModel, LogisticParams};
 use crate::mlp::{self, EpochReport, MlpModel, MlpParams};
 use safetensors::tensor::Dtype;
@@ -288,10 +288,9 @@ impl Head {
     pub fn load(path: &Path) -> Result<Head, String> {
         let err = |e: &str| format!("{}: {e}", path.display());
         let bytes = std::fs::read(path).map_err(|e| err(&e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(&format!("not a dltool head file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| err(&format!("not a dltool head file ({e})")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(&not_a_head(&e)))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(&not_a_head(&e)))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| -> Result<&String, String> {
             meta.get(k)
@@ -592,14 +591,18 @@ fn load_fine_tuned(
 }
 
 fn preprocess_json(p: &Preprocess) -> String {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "width": p.width,
         "height": p.height,
-        "channels": "RGB",
+        "channels": p.channels.name(),
         "mean": p.mean,
         "std": p.std,
-    })
-    .to_string()
+    });
+    // Only a crop is written: heads of stretched input stay what they were before crops existed.
+    if p.resize != Resize::Stretch {
+        json["resize"] = p.resize.name().into();
+    }
+    json.to_string()
 }
 
 fn parse_preprocess(s: &str) -> Result<Preprocess, String> {
@@ -609,13 +612,30 @@ fn parse_preprocess(s: &str) -> Result<Preprocess, String> {
         height: u32,
         mean: [f32; 3],
         std: [f32; 3],
+        #[serde(default)]
+        channels: Option<String>,
+        #[serde(default)]
+        resize: Option<String>,
     }
     let p: P = serde_json::from_str(s).map_err(|e| format!("bad 'preprocess' metadata: {e}"))?;
+    let channels = match p.channels.as_deref() {
+        None | Some("RGB") => ChannelOrder::Rgb,
+        Some("BGR") => ChannelOrder::Bgr,
+        Some(other) => return Err(format!("bad 'preprocess' metadata: channels '{other}'")),
+    };
+    let resize = match p.resize.as_deref() {
+        None => Resize::Stretch,
+        Some(r) => r
+            .parse()
+            .map_err(|e| format!("bad 'preprocess' metadata: {e}"))?,
+    };
     Ok(Preprocess {
         width: p.width,
         height: p.height,
         mean: p.mean,
         std: p.std,
+        resize,
+        channels,
     })
 }
 
@@ -677,6 +697,25 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Why bytes are not a head file, in a user's words: safetensors' own names for a cut or
+/// foreign file (`HeaderTooLarge`, `MetadataIncompleteBuffer`) say nothing to them.
+fn not_a_head(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooLarge
+        | E::HeaderTooSmall
+        | E::InvalidHeaderLength
+        | E::InvalidHeader
+        | E::InvalidHeaderStart
+        | E::InvalidHeaderDeserialization
+        | E::MetadataIncompleteBuffer
+        | E::InvalidOffset(_)
+        | E::TensorInvalidInfo
+        | E::ValidationOverflow => "truncated or not a dltool head file".to_string(),
+        other => format!("not a dltool head file ({other})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,6 +746,8 @@ mod tests {
                 height: 299,
                 mean: [128.0; 3],
                 std: [128.0; 3],
+                resize: Resize::Stretch,
+                channels: ChannelOrder::Rgb,
             }),
             dltool_version: env!("CARGO_PKG_VERSION").into(),
             training: TrainingSummary {

@@ -17,19 +17,154 @@ use fast_image_resize as fr;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
-/// How an image becomes the network input. (x - mean[c]) / std[c] with x in 0..=255.
+/// How an image becomes the network input: brought to `width`×`height` by `resize`, its
+/// channels put in `channels` order, then `(x - mean[c]) / std[c]` with x in 0..=255 and `c`
+/// counted in that order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Preprocess {
     pub width: u32,
     pub height: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    pub resize: Resize,
+    pub channels: ChannelOrder,
 }
 
 impl Preprocess {
     /// Number of `f32`s of one preprocessed image (3 × height × width).
     pub fn tensor_len(&self) -> usize {
         3 * self.width as usize * self.height as usize
+    }
+
+    /// All of it in one token without slashes, for provenance strings
+    /// (`224x224_crop_RGB_mean123.675,116.28,103.53_std58.395,57.12,57.375`); read back by
+    /// [`Preprocess::from_spec`], exactly (floats print as their shortest round-trip form).
+    pub fn spec(&self) -> String {
+        let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
+        format!(
+            "{}x{}_{}_{}_mean{}_std{}",
+            self.width,
+            self.height,
+            self.resize.name(),
+            self.channels.name(),
+            triple(self.mean),
+            triple(self.std)
+        )
+    }
+
+    pub fn from_spec(s: &str) -> Option<Preprocess> {
+        let mut parts = s.split('_');
+        let (w, h) = parts.next()?.split_once('x')?;
+        let resize = parts.next()?.parse().ok()?;
+        let channels = match parts.next()? {
+            "RGB" => ChannelOrder::Rgb,
+            "BGR" => ChannelOrder::Bgr,
+            _ => return None,
+        };
+        let triple = |t: &str| -> Option<[f32; 3]> {
+            let v: Vec<f32> = t
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?;
+            v.try_into().ok()
+        };
+        let mean = triple(parts.next()?.strip_prefix("mean")?)?;
+        let std = triple(parts.next()?.strip_prefix("std")?)?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Preprocess {
+            width: w.parse().ok()?,
+            height: h.parse().ok()?,
+            mean,
+            std,
+            resize,
+            channels,
+        })
+    }
+}
+
+/// How an image of any shape is brought to the network's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resize {
+    /// Straight to width×height, aspect not kept (Keras' and TF-slim's evaluation).
+    #[default]
+    Stretch,
+    /// torchvision's evaluation transform, `Resize(int(size / 0.875))` then
+    /// `CenterCrop(size)`: the image is scaled (aspect kept) until it covers
+    /// (width / 0.875)×(height / 0.875), then the centre width×height is cut out.
+    Crop,
+}
+
+impl Resize {
+    pub fn name(self) -> &'static str {
+        match self {
+            Resize::Stretch => "stretch",
+            Resize::Crop => "crop",
+        }
+    }
+}
+
+impl std::str::FromStr for Resize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stretch" => Ok(Resize::Stretch),
+            "crop" => Ok(Resize::Crop),
+            other => Err(format!(
+                "unknown resize '{other}' (expected stretch or crop)"
+            )),
+        }
+    }
+}
+
+/// Order of the three colour planes the network reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelOrder {
+    #[default]
+    Rgb,
+    /// Caffe's (and OpenCV's) order.
+    Bgr,
+}
+
+impl ChannelOrder {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelOrder::Rgb => "RGB",
+            ChannelOrder::Bgr => "BGR",
+        }
+    }
+}
+
+/// The share of the resized image [`Resize::Crop`] keeps (torchvision's and timm's 0.875).
+pub const CROP_FRACTION: f64 = 0.875;
+
+/// Size an image of `src` pixels is resized to before [`Resize::Crop`] cuts `dst` out of its
+/// centre: the side that binds is scaled to `dst / 0.875` (floored) and the other in proportion
+/// (floored, as torchvision's `int(size * long / short)`).
+pub fn crop_resize_size(src: (u32, u32), dst: (u32, u32)) -> (u32, u32) {
+    let (sw, sh) = (u64::from(src.0.max(1)), u64::from(src.1.max(1)));
+    let rw = (f64::from(dst.0) / CROP_FRACTION).floor() as u64;
+    let rh = (f64::from(dst.1) / CROP_FRACTION).floor() as u64;
+    // Width binds when rw / sw >= rh / sh; integer products keep it exact.
+    let (w, h) = if rw * sh >= rh * sw {
+        (rw, (sh * rw / sw).max(rh))
+    } else {
+        ((sw * rh / sh).max(rw), rh)
+    };
+    let clamp = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
+    (clamp(w), clamp(h))
+}
+
+/// Offset of a centred crop of `inner` out of `outer`, rounded as torchvision's
+/// `int(round((outer - inner) / 2))`: Python rounds halves to even.
+fn centre_offset(outer: u32, inner: u32) -> u32 {
+    let diff = outer.saturating_sub(inner);
+    let half = diff / 2;
+    if diff % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
     }
 }
 
@@ -121,6 +256,11 @@ pub fn to_chw(img: &RgbImage, pre: &Preprocess, out: &mut [f32]) {
         std::array::from_fn(|c| std::array::from_fn(|x| (x as f32 - pre.mean[c]) / pre.std[c]));
     let (r_plane, rest) = out.split_at_mut(n);
     let (g_plane, b_plane) = rest.split_at_mut(n);
+    // Plane c reads source channel src[c]: BGR is RGB with the first and last swapped.
+    let src = match pre.channels {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
     let pixels = img.as_raw().chunks_exact(3);
     for (px, ((r, g), b)) in pixels.zip(
         r_plane
@@ -128,9 +268,9 @@ pub fn to_chw(img: &RgbImage, pre: &Preprocess, out: &mut [f32]) {
             .zip(g_plane.iter_mut())
             .zip(b_plane.iter_mut()),
     ) {
-        *r = lut[0][px[0] as usize];
-        *g = lut[1][px[1] as usize];
-        *b = lut[2][px[2] as usize];
+        *r = lut[0][px[src[0]] as usize];
+        *g = lut[1][px[src[1]] as usize];
+        *b = lut[2][px[src[2]] as usize];
     }
 }
 
@@ -151,7 +291,19 @@ pub fn preprocess_rgb8_into(
     pre: &Preprocess,
     out: &mut [f32],
 ) -> Result<(), ImageError> {
-    if img.dimensions() == (pre.width, pre.height) {
+    if pre.resize == Resize::Crop {
+        let (w, h) = crop_resize_size(img.dimensions(), (pre.width, pre.height));
+        let resized;
+        let scaled = if img.dimensions() == (w, h) {
+            img
+        } else {
+            resized = resize_rgb8(img, w, h)?;
+            &resized
+        };
+        let (x, y) = (centre_offset(w, pre.width), centre_offset(h, pre.height));
+        let cropped = image::imageops::crop_imm(scaled, x, y, pre.width, pre.height).to_image();
+        to_chw(&cropped, pre, out);
+    } else if img.dimensions() == (pre.width, pre.height) {
         to_chw(img, pre, out);
     } else {
         let resized = resize_rgb8(img, pre.width, pre.height)?;
@@ -327,6 +479,10 @@ fn decode_known(
     }
     // Unreadable EXIF must not cost the image: PIL ignores orientation entirely.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // The decoded buffer and its 8-bit RGB copy are alive together. The budget is shared by
+    // every decoding thread: a 13000x13000 16-bit PNG under the pixel limit takes ~1.5 GB,
+    // and four threads must not take four times that.
+    let _held = DECODE_MEMORY.acquire(needed.saturating_add(pixels.saturating_mul(3)), budget);
     let decoded = DynamicImage::from_decoder(decoder).map_err(fail)?;
 
     // Convert before reorienting: rotating 3 bytes per pixel is cheaper than 8 or 16.
@@ -337,6 +493,75 @@ fn decode_known(
     let mut oriented = DynamicImage::ImageRgb8(rgb);
     oriented.apply_orientation(orientation);
     Ok(oriented.into_rgb8())
+}
+
+/// Bytes of decoder memory in use across threads; a decode waits until its bytes fit under
+/// its budget (the per-image allowance), or until it is the only one (an image within the
+/// limits always decodes, one at a time at worst).
+pub struct MemoryBudget {
+    in_use: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+static DECODE_MEMORY: MemoryBudget = MemoryBudget::new();
+
+/// Bytes reserved from a [`MemoryBudget`], given back when dropped (also on a decoder panic).
+pub struct Reservation<'a> {
+    budget: &'a MemoryBudget,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub const fn new() -> MemoryBudget {
+        MemoryBudget {
+            in_use: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit under `limit` with what others hold (or nothing is held).
+    pub fn acquire(&self, bytes: u64, limit: u64) -> Reservation<'_> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        while *in_use > 0 && in_use.saturating_add(bytes) > limit {
+            in_use = self.freed.wait(in_use).unwrap_or_else(|e| e.into_inner());
+        }
+        *in_use += bytes;
+        Reservation {
+            budget: self,
+            bytes,
+        }
+    }
+
+    /// [`Self::acquire`] without waiting: `None` when it would wait.
+    pub fn try_acquire(&self, bytes: u64, limit: u64) -> Option<Reservation<'_>> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        if *in_use > 0 && in_use.saturating_add(bytes) > limit {
+            return None;
+        }
+        *in_use += bytes;
+        Some(Reservation {
+            budget: self,
+            bytes,
+        })
+    }
+
+    pub fn in_use(&self) -> u64 {
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self.budget.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        *in_use -= self.bytes;
+        self.budget.freed.notify_all();
+    }
 }
 
 fn decoder_limits(max_pixels: u64, budget: u64) -> Limits {
@@ -506,6 +731,34 @@ fn resize_rgb8_into(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decode_memory_is_one_budget_across_threads() {
+        let budget = super::MemoryBudget::new();
+        let gb = 1u64 << 30;
+        let first = budget.acquire(gb, 2 * gb);
+        // A second large decode would pass its own per-image limit but not the shared one.
+        assert!(budget.try_acquire(gb + 1, 2 * gb).is_none());
+        let small = budget
+            .try_acquire(gb / 2, 2 * gb)
+            .expect("fits beside the first");
+        assert_eq!(budget.in_use(), gb + gb / 2);
+        // One waiting thread goes on as soon as the others give their bytes back.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let r = budget.acquire(gb + 1, 2 * gb);
+                budget.in_use() > gb && r.bytes == gb + 1
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "did not wait for the budget");
+            drop(first);
+            drop(small);
+            assert!(waiter.join().unwrap());
+        });
+        assert_eq!(budget.in_use(), 0);
+        // An image larger than the budget still decodes when it is alone.
+        drop(budget.try_acquire(3 * gb, 2 * gb).expect("alone, it goes"));
+    }
+
     use super::*;
     use image::codecs::jpeg::JpegEncoder;
     use image::{GrayAlphaImage, GrayImage, ImageBuffer, Rgb, RgbaImage};
@@ -955,6 +1208,87 @@ mod tests {
     }
 
     #[test]
+    fn bgr_swaps_the_first_and_last_planes() {
+        let img = RgbImage::from_raw(2, 1, vec![0, 128, 255, 10, 20, 30]).unwrap();
+        let pre = Preprocess {
+            width: 2,
+            height: 1,
+            mean: [1.0, 2.0, 3.0],
+            std: [2.0, 4.0, 8.0],
+            resize: Resize::Stretch,
+            channels: ChannelOrder::Bgr,
+        };
+        let mut out = vec![f32::NAN; pre.tensor_len()];
+        to_chw(&img, &pre, &mut out);
+        // Plane 0 is blue with mean[0]/std[0], plane 2 red with mean[2]/std[2].
+        assert_eq!(out, [127.0, 14.5, 31.5, 4.5, -0.375, 0.875]);
+    }
+
+    #[test]
+    fn spec_round_trips() {
+        let pre = Preprocess {
+            width: 224,
+            height: 192,
+            mean: [123.675, 116.28, 103.53],
+            std: [58.395, 57.12, 57.375],
+            resize: Resize::Crop,
+            channels: ChannelOrder::Bgr,
+        };
+        let spec = pre.spec();
+        assert_eq!(
+            spec,
+            "224x192_crop_BGR_mean123.675,116.28,103.53_std58.395,57.12,57.375"
+        );
+        assert_eq!(Preprocess::from_spec(&spec), Some(pre));
+        assert_eq!(
+            Preprocess::from_spec("224x224_crop_RGB_mean1,2_std1,2,3"),
+            None
+        );
+    }
+
+    #[test]
+    fn crop_size_follows_torchvision() {
+        // Resize(256) of a 500x375 landscape: the short side to 256, the long one int(256*500/375).
+        assert_eq!(crop_resize_size((500, 375), (224, 224)), (341, 256));
+        assert_eq!(crop_resize_size((375, 500), (224, 224)), (256, 341));
+        assert_eq!(crop_resize_size((300, 300), (224, 224)), (256, 256));
+        // Python's round(58.5) is 58 and round(17.5) is 18.
+        assert_eq!(centre_offset(341, 224), 58);
+        assert_eq!(centre_offset(259, 224), 18);
+        assert_eq!(centre_offset(256, 224), 16);
+    }
+
+    #[test]
+    fn crop_cuts_the_border_that_stretch_keeps() {
+        // A 200x100 image, blue but for a red band on the left fifth: the crop's 18/36 of
+        // the width starting at 10/36 never reaches it; the stretch does.
+        let img = RgbImage::from_fn(200, 100, |x, _| {
+            if x < 40 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
+        let mut pre = Preprocess {
+            width: 16,
+            height: 16,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            resize: Resize::Crop,
+            channels: ChannelOrder::Rgb,
+        };
+        let cropped = preprocess_rgb8(&img, &pre).unwrap();
+        assert!(
+            cropped[..256].iter().all(|&r| r == 0.0),
+            "red left in the crop"
+        );
+        assert!(cropped[512..].iter().all(|&b| b == 255.0));
+        pre.resize = Resize::Stretch;
+        let stretched = preprocess_rgb8(&img, &pre).unwrap();
+        assert_eq!(stretched[0], 255.0);
+    }
+
+    #[test]
     fn to_chw_normalises_into_planes() {
         let img = RgbImage::from_raw(2, 1, vec![0, 128, 255, 10, 20, 30]).unwrap();
         let pre = Preprocess {
@@ -962,6 +1296,8 @@ mod tests {
             height: 1,
             mean: [1.0, 2.0, 3.0],
             std: [2.0, 4.0, 8.0],
+            resize: Resize::Stretch,
+            channels: ChannelOrder::Rgb,
         };
         let mut out = vec![f32::NAN; pre.tensor_len()];
         to_chw(&img, &pre, &mut out);
@@ -983,6 +1319,8 @@ mod tests {
             height: 4,
             mean: [127.5; 3],
             std: [127.5; 3],
+            resize: Resize::Stretch,
+            channels: ChannelOrder::Rgb,
         };
 
         let v = load_for_network(&path, &pre, DEFAULT_MAX_PIXELS).unwrap();

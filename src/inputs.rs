@@ -138,7 +138,7 @@ fn walk(arg: &str, root: &Path, sink: &mut dyn FnMut(Found) -> bool) -> bool {
                 let label = if entry.depth() >= 2 {
                     rel.components()
                         .next()
-                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .map(|c| crate::features::escape_os(c.as_os_str()))
                         .unwrap_or_default()
                 } else {
                     String::new()
@@ -179,7 +179,8 @@ fn join_display(arg: &str, rel: &Path) -> String {
     if rel.as_os_str().is_empty() {
         return arg.to_string();
     }
-    let rel = rel.to_string_lossy();
+    // Not lossy: two names that differ only in bytes that are not UTF-8 must stay two paths.
+    let rel = crate::features::escape_os(rel.as_os_str());
     if arg.ends_with('/') {
         format!("{arg}{rel}")
     } else {

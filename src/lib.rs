@@ -5,6 +5,35 @@
 //! The networks are in `backbones` (one module each, one table), the CPU kernels that know no
 //! network in `engine`.
 
+/// `eprintln!` that never panics: when stderr is full or closed (`2>/dev/full`) the message is
+/// lost, not the run.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` that returns the error (`anyhow`, saying stdout) instead of panicking: a closed
+/// pipe ends the command quietly, a full disk is an error (see `main`).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::commands::stdout_error)
+    }};
+}
+
+/// `print!` counterpart of [`outln!`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::commands::stdout_error)
+    }};
+}
+
 pub mod backbone;
 pub mod backbones;
 pub mod bench;
@@ -17,6 +46,7 @@ pub mod featurize;
 pub mod finetune;
 pub mod head;
 pub mod image_io;
+pub mod info;
 pub mod inputs;
 pub mod journal;
 pub mod labels;

@@ -1,4 +1,4 @@
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use dltool::commands::{self, Status};
 use std::process::ExitCode;
 
@@ -7,6 +7,11 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "dltool", version, about, propagate_version = true)]
 struct Cli {
+    /// Never download weights: a network whose weights are not found locally is an error
+    /// (also DLTOOL_OFFLINE=1).
+    #[arg(long, global = true)]
+    offline: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -33,10 +38,19 @@ enum Command {
     Weights(commands::weights::Args),
     /// Speed side by side with PyTorch and ONNX Runtime: images/s, peak RSS, GFLOP/s.
     Bench(commands::bench::Args),
+    /// This build and machine: version, features, CPU paths, threads, GPUs, weights cache.
+    Info(commands::info::Args),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions(commands::completions::Args),
+    /// Print the man page (or write one per subcommand with --out-dir).
+    Man(commands::man::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.offline {
+        dltool::registry::set_offline();
+    }
     // A forced vector unit this CPU lacks is refused before any kernel runs.
     if let Err(e) = dltool::engine::cpu::from_env() {
         eprintln!("dltool: error: {e}");
@@ -53,14 +67,22 @@ fn main() -> ExitCode {
         Command::Classify(args) => commands::classify::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Info(args) => commands::info::run(args),
+        Command::Completions(args) => commands::completions::run(args, Cli::command()),
+        Command::Man(args) => commands::man::run(args, Cli::command()),
     };
+    // stdout is line-buffered: what a last `print!` left must reach it, or fail, here.
+    let result = result.and_then(|status| {
+        std::io::Write::flush(&mut std::io::stdout().lock()).map_err(commands::stdout_error)?;
+        Ok(status)
+    });
     match result {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::Incomplete) => ExitCode::from(2),
         Ok(Status::Interrupted) => ExitCode::from(130),
         Err(err) if commands::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("dltool: error: {err:#}");
+            dltool::note!("dltool: error: {err:#}");
             ExitCode::from(1)
         }
     }

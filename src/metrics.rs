@@ -229,6 +229,30 @@ pub fn most_confident_mistakes(truth: &[usize], probs: &[f64], k: usize, n: usiz
 /// Widths count `char`s, which is also what std's `{:<w$}` padding counts,
 /// so names with multi-byte characters stay aligned.
 fn render_table(header: Vec<String>, rows: Vec<Vec<String>>) -> Vec<String> {
+    // A class name may hold a newline or a tab (labels come from folder names and CSV fields):
+    // written raw it would break the table's lines and columns.
+    let one_line = |line: Vec<String>| -> Vec<String> {
+        line.into_iter()
+            .map(|cell| {
+                if cell.chars().any(char::is_control) {
+                    cell.chars()
+                        .flat_map(|c| {
+                            let escaped: Vec<char> = if c.is_control() {
+                                c.escape_debug().collect()
+                            } else {
+                                vec![c]
+                            };
+                            escaped
+                        })
+                        .collect()
+                } else {
+                    cell
+                }
+            })
+            .collect()
+    };
+    let header = one_line(header);
+    let rows: Vec<Vec<String>> = rows.into_iter().map(one_line).collect();
     let columns = header.len();
     let mut widths = vec![0usize; columns];
     for line in std::iter::once(&header).chain(rows.iter()) {

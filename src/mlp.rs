@@ -593,6 +593,9 @@ fn loss_and_accuracy(logp: &[f32], labels: impl Iterator<Item = usize>, c: usize
     (loss / n as f64, correct as f64 / n as f64)
 }
 
+/// Larger weights mean the optimiser ran away (Adam moves each weight by about `lr` a step).
+const MAX_SANE_WEIGHT: f32 = 1e6;
+
 fn argmax_f64(row: &[f64]) -> usize {
     row.iter()
         .enumerate()
@@ -769,6 +772,19 @@ pub fn fit(
     };
     let logp = eval_log_proba(&layers, p.activation, &xs, dim, &train, &plain)?;
     let (_, train_accuracy) = loss_and_accuracy(&logp, train.iter().map(|&r| y[r]), c);
+    // A fit can blow up and stay finite (`--lr 1e10`: weights near 1e10, a saturated
+    // softmax), and on separable rows even score perfectly: a failure, not a model to rank
+    // among the others. (Its training loss says nothing: a sane fit on raw features of large
+    // scale can also end far above the class-prior loss.)
+    let largest = layers
+        .iter()
+        .flat_map(|(w, b)| w.iter().chain(b))
+        .fold(0f32, |m, v| m.max(v.abs()));
+    if largest > MAX_SANE_WEIGHT {
+        return Err(format!(
+            "mlp: training diverged (a weight reached {largest:.1e}); try a smaller lr"
+        ));
+    }
     let model = MlpModel {
         dim,
         num_classes: c,

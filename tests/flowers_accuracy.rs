@@ -4,9 +4,12 @@
 //! Spark's example reported 0.975 on daisy vs tulips (one random split, Keras' 2016 InceptionV3).
 //! With the shared 2015 weights the split matters more than the head: over 20 seeds the seed
 //! recipe averages 0.968 on daisy vs tulips (0.944 to 0.988), and seed 42 gives 0.969; L2
-//! logistic averages 0.885 on five classes over seeds 0-4, seed 42 gives 0.8675. The floors
-//! below sit just under the seed-42 figures, which are deterministic, so any regression in the
-//! features, the split or the solvers fails the test. BENCHMARKS.md records the figures.
+//! logistic averages 0.885 on five classes over seeds 0-4, seed 42 gives 0.8675. The seed-42
+//! figures are deterministic on one machine, but features that differ by 1e-5 (another SIMD
+//! path, another summation order) move a split by a few test rows: each floor sits about eight
+//! test rows of 400 (three of 160 for daisy vs tulips) under the measured figure, so noise
+//! passes and a real regression (a broken layer, split or solver loses far more) fails.
+//! BENCHMARKS.md records the figures.
 //!
 //! With `--tta flip` (each image and its mirror, features averaged) the logistic targets are met
 //! on seed 42. The MLP that cross-validation on the training split picks (on raw features)
@@ -103,14 +106,16 @@ fn flowers_heads_reach_the_spark_example_accuracy() {
     let binary = daisy_tulips(d, &table, "daisy-tulips.safetensors");
     let acc = accuracy(d, &binary, "daisy-tulips", &SEED_RECIPE);
     eprintln!("daisy vs tulips, logistic reg 0.05 elastic-net 0.3: test accuracy {acc:.4}");
-    assert!(acc >= 0.965, "daisy vs tulips accuracy {acc} < 0.965");
+    // Measured 0.9688 (160 test rows: one row is 0.00625).
+    assert!(acc >= 0.95, "daisy vs tulips accuracy {acc} < 0.95");
 
     let l2 = ["--head", "logistic", "--reg", "0.05", "--elastic-net", "0"];
     let logistic = accuracy(d, &all, "five-logistic", &l2);
     eprintln!("five classes, logistic: test accuracy {logistic:.4}");
+    // Measured 0.8675 (400 test rows: one row is 0.0025).
     assert!(
-        logistic >= 0.86,
-        "five-class logistic accuracy {logistic} < 0.86"
+        logistic >= 0.845,
+        "five-class logistic accuracy {logistic} < 0.845"
     );
 
     let mlp_args = [
@@ -127,7 +132,8 @@ fn flowers_heads_reach_the_spark_example_accuracy() {
     ];
     let mlp = accuracy(d, &all, "five-mlp", &mlp_args);
     eprintln!("five classes, mlp: test accuracy {mlp:.4}");
-    assert!(mlp >= 0.85, "five-class mlp accuracy {mlp} < 0.85");
+    // Measured 0.86.
+    assert!(mlp >= 0.84, "five-class mlp accuracy {mlp} < 0.84");
 }
 
 #[test]
@@ -142,7 +148,11 @@ fn flip_tta_heads_on_seed_42_and_over_ten_splits() {
     let binary = daisy_tulips(d, &table, "daisy-tulips-flip.safetensors");
     let acc = accuracy(d, &binary, "daisy-tulips-flip", &SEED_RECIPE);
     eprintln!("flip, daisy vs tulips, logistic reg 0.05 elastic-net 0.3: test accuracy {acc:.4}");
-    assert!(acc >= 0.975, "flip daisy vs tulips accuracy {acc} < 0.975");
+    // Measured 0.9812.
+    assert!(
+        acc >= 0.9625,
+        "flip daisy vs tulips accuracy {acc} < 0.9625"
+    );
 
     // The logistic setting `dltool tune` ranks first by 5-fold CV on the seed-42 training split
     // (grid reg 0.001..0.3, elastic-net 0/0.3, standardize true/false).
@@ -157,9 +167,10 @@ fn flip_tta_heads_on_seed_42_and_over_ten_splits() {
     ];
     let logistic = accuracy(d, &all, "five-flip-logistic", &tuned);
     eprintln!("flip, five classes, logistic (CV-chosen): test accuracy {logistic:.4}");
+    // Measured 0.8925.
     assert!(
-        logistic >= 0.88,
-        "flip five-class logistic accuracy {logistic} < 0.88"
+        logistic >= 0.87,
+        "flip five-class logistic accuracy {logistic} < 0.87"
     );
 
     // The MLP that `dltool tune --seed 1` ranks first by 5-fold CV on the same training split
@@ -182,7 +193,7 @@ fn flip_tta_heads_on_seed_42_and_over_ten_splits() {
     ];
     let mlp = accuracy(d, &all, "five-flip-mlp", &mlp_args);
     eprintln!("flip, five classes, mlp (CV-chosen): test accuracy {mlp:.4}");
-    assert!(mlp >= 0.88, "flip five-class mlp accuracy {mlp} < 0.88");
+    assert!(mlp >= 0.865, "flip five-class mlp accuracy {mlp} < 0.865");
 
     // One split decides little: both heads move by a point or more with the split, and the
     // seed-42 logistic figure moved 0.885 -> 0.8925 when the engine's rounding changed features
@@ -200,14 +211,16 @@ fn flip_tta_heads_on_seed_42_and_over_ten_splits() {
     eprintln!(
         "flip, five classes, splits 0-9: mean logistic {mean_logistic:.4}, mean mlp {mean_mlp:.4}"
     );
+    // A mean over 4000 test rows moves little with noise: floors 0.007 (28 rows) under it.
     assert!(
         mean_logistic >= 0.88,
         "mean logistic accuracy {mean_logistic} < 0.88"
     );
     assert!(mean_mlp >= 0.88, "mean mlp accuracy {mean_mlp} < 0.88");
-    // As good as logistic up to one test row in 400 on average; an MLP that falls behind fails.
+    // As good as logistic up to two test rows in 400 on average (noise can move each split's
+    // pair by a row or two); an MLP that really falls behind fails.
     assert!(
-        mean_mlp >= mean_logistic - 0.0025,
-        "mean mlp accuracy {mean_mlp} below mean logistic {mean_logistic}"
+        mean_mlp >= mean_logistic - 0.005,
+        "mean mlp accuracy {mean_mlp} below mean logistic {mean_logistic} - 0.005"
     );
 }

@@ -108,6 +108,7 @@ fn bad_shard_and_header_options_are_refused_clearly() {
     );
 
     let out = run(&mut featurize(&[".", "--shard", "1-3"]));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 <= K < N"));
 
     let out = run(&mut featurize(&[".", "-o", "x.parquet", "--no-header"]));

@@ -20,9 +20,9 @@ done
 [ -f "$weights" ] || { echo "run_test.sh: missing $weights (set DLTOOL_SHARED)" >&2; exit 1; }
 
 # pyspark 3.5 supports Java 8/11/17 and Python 3.8-3.12; MLlib needs numpy.
-if ! "$venv/bin/python" -c 'import pyspark, numpy' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import pyspark, numpy, pandas' 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pyspark>=3.5.2,<3.6' numpy
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'pyspark>=3.5.2,<3.6' numpy 'pandas<3'
 fi
 
 if [ -z "${DLTOOL:-}" ]; then

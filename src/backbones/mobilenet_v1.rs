@@ -53,6 +53,8 @@ impl MobileNetV1Config {
             height: self.input_size as u32,
             mean: [127.5; 3],
             std: [127.5; 3],
+            resize: crate::image_io::Resize::Stretch,
+            channels: crate::image_io::ChannelOrder::Rgb,
         }
     }
 }
@@ -763,6 +765,8 @@ pub static SPEC: crate::backbones::Spec = crate::backbones::Spec {
             height: size,
             mean: [127.5; 3],
             std: [127.5; 3],
+            resize: crate::image_io::Resize::Stretch,
+            channels: crate::image_io::ChannelOrder::Rgb,
         })
     },
     layers: &[crate::backbones::LayerSpec {

@@ -9,8 +9,13 @@
 //! A network that runs only on the CPU engine (no burn model) sets `gpu: false`; asking for it
 //! on a GPU is then one line of error instead of a silent fallback.
 
+pub mod efficientnet_lite;
 pub mod inception_v3;
 pub mod mobilenet_v1;
+pub mod resnet;
+pub mod state_dict;
+pub mod torchvision;
+pub mod vgg;
 pub mod weight_file;
 
 use crate::image_io::Preprocess;
@@ -103,6 +108,11 @@ pub enum LoadError {
     InceptionV3(#[from] inception_v3::LoadError),
     #[error(transparent)]
     MobileNetV1(#[from] mobilenet_v1::LoadError),
+    #[error(transparent)]
+    EfficientNetLite(#[from] efficientnet_lite::LoadError),
+    /// ResNet, VGG: networks assembled straight from a state dict.
+    #[error(transparent)]
+    StateDict(#[from] state_dict::StateDictError),
     /// A network's own loader error, for networks added without a variant here.
     #[error("{0}")]
     Other(String),
@@ -167,7 +177,15 @@ impl std::fmt::Debug for Spec {
 }
 
 /// Every network, the default first. Adding a network: its module, and a row here.
-pub static NETWORKS: &[&Spec] = &[&inception_v3::SPEC, &mobilenet_v1::SPEC];
+pub static NETWORKS: &[&Spec] = &[
+    &inception_v3::SPEC,
+    &mobilenet_v1::SPEC,
+    &efficientnet_lite::LITE0_SPEC,
+    &efficientnet_lite::LITE2_SPEC,
+    &resnet::SPEC,
+    &vgg::VGG16_SPEC,
+    &vgg::VGG19_SPEC,
+];
 
 /// The default network (InceptionV3).
 pub fn default_spec() -> &'static Spec {

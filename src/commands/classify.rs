@@ -116,17 +116,37 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         ..args.net.options()
     };
     let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device)?;
+    let no_classifier = |weights: &str, kind: &str| {
+        anyhow::anyhow!(
+            "{weights}: these {kind} weights have no classifier (they end at the pooled \
+             features), so they cannot classify; use weights that carry one (`dltool weights \
+             fetch inception_v3_tf2015` gets pytorch-fid's file with its 1008-class fc) or \
+             --backbone mobilenet_v1"
+        )
+    };
+    let backbone = Backbone::load(&opts, device).map_err(|e| {
+        // The loader's advice for a file of unknown layout is --variant; but such a file has
+        // no fc layer, and that is what stops classify whatever the variant.
+        use crate::backbones::LoadError as E;
+        use crate::inception_v3::LoadError as Inception;
+        match e.downcast_ref::<E>() {
+            Some(E::InceptionV3(Inception::UnknownVariant { path })) => {
+                no_classifier(path, "InceptionV3")
+            }
+            _ => e,
+        }
+    })?;
     let weights = backbone.weights_path.display().to_string();
     let Some(classes) = backbone.num_classes() else {
-        bail!(
-            "{weights}: these {} weights have no classifier (they end at the pooled features), \
-             so they cannot classify; use weights that carry one (`dltool weights fetch \
-             inception_v3_tf2015` gets pytorch-fid's file with its 1008-class fc) or \
-             --backbone mobilenet_v1",
-            backbone.kind.name()
-        );
+        return Err(no_classifier(&weights, backbone.kind.name()));
     };
+    if args.top_k as usize > classes {
+        crate::note!(
+            "dltool: --top-k {} is more than the {classes} classes of {weights}: every class is \
+             listed",
+            args.top_k
+        );
+    }
     let labels_path = labels::resolve(args.labels.as_deref(), &backbone.weights_path)
         .map_err(anyhow::Error::msg)?;
     let labels = labels::read(&labels_path).map_err(anyhow::Error::msg)?;

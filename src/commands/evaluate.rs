@@ -86,8 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         predict_folder(&args, &head)?
     } else {
         let table = features::read_features(&args.features)?;
-        head.check_features(table.dim, table.meta.as_ref())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.features.display()))?;
+        super::check_head_features(&head, &table, &args.features)?;
         let probs = head.predict_proba(&table.data, table.len());
         (table.paths, table.labels, probs)
     };
@@ -142,18 +141,19 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         let mut value = serde_json::to_value(&eval)?;
         value["head"] = serde_json::json!(head.model.kind());
         value["errors"] = serde_json::json!(errors);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        crate::outln!(
             "{} head on {} ({} rows)\n",
             head.model.kind(),
             args.features.display(),
             paths.len()
-        );
-        print!("{}", eval.to_table());
+        )?;
+        crate::out!("{}", eval.to_table())?;
         if !mistakes.is_empty() {
-            println!("\nmost confident mistakes:");
-            let mut w = csv::Writer::from_writer(std::io::stdout().lock());
+            crate::outln!("\nmost confident mistakes:")?;
+            // Into memory first: csv's errors would hide a closed pipe from `main`.
+            let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(["path", "truth", "predicted", "probability"])?;
             for m in &mistakes {
                 w.write_record([
@@ -163,7 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
                     &format!("{:.4}", m.probability),
                 ])?;
             }
-            w.flush()?;
+            let text = w
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+            crate::out!("{}", String::from_utf8_lossy(&text))?;
         }
     }
     Ok(Status::Ok)

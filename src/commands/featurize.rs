@@ -31,7 +31,9 @@ path given twice gives two rows.
 Sharding: --shard K/N keeps block K (from 0) of N contiguous blocks of the input list; the \
 outputs of shards 0..N-1 in order are exactly the rows of one run (for CSV, give shards 1..N-1 \
 --no-header). With -, the whole list is read before the block is taken. Inputs skipped while \
-listing (missing files...) are reported by shard 0 only. An empty shard exits 0.
+listing (missing files...) are reported by shard 0 only. An empty shard exits 0 and still \
+writes its part (a header-only CSV, an empty safetensors/Parquet table), so N shards leave N \
+parts; a folder of parts reads as one table.
 
 With -o FILE, every computed row is also appended to FILE.journal as it is made, so an \
 interrupted run loses nothing: run the same command with --resume to reuse the rows of unchanged \
@@ -135,14 +137,18 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             list.skipped.clear();
         }
         if !args.quiet {
-            eprintln!(
+            crate::note!(
                 "shard {shard}: images {}..{} of {total}",
-                range.start, range.end
+                range.start,
+                range.end
             );
         }
     }
     for skip in &list.skipped {
-        eprintln!("skipped {}: {}", skip.display, skip.reason);
+        crate::note!("skipped {}: {}", skip.display, skip.reason);
+    }
+    if let Target::File { path, .. } = &target {
+        features::refuse_output_over_input(path, list.inputs.iter().map(|i| &i.path))?;
     }
 
     let opts = args.net.options();
@@ -193,19 +199,19 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
                 tally.computed as f64 / secs
             );
         }
-        eprintln!("{line}");
+        crate::note!("{line}");
     }
     let empty_shard = args.shard.is_some() && list.inputs.is_empty();
     if empty_shard {
         if !args.quiet {
-            eprintln!("dltool: this shard is empty (more shards than images); nothing to do");
+            crate::note!("dltool: this shard is empty (more shards than images); nothing to do");
         }
     } else if featurized == 0 {
-        eprintln!("dltool: no image was featurized");
+        crate::note!("dltool: no image was featurized");
         return Ok(Status::Incomplete);
     }
     if args.strict && tally.skipped > 0 {
-        eprintln!(
+        crate::note!(
             "dltool: {} input(s) skipped and --strict is set",
             tally.skipped
         );
@@ -222,7 +228,7 @@ struct Tally {
 }
 
 fn report_skip(progress: &ProgressBar, display: &str, reason: &str) {
-    progress.suspend(|| eprintln!("skipped {display}: {reason}"));
+    progress.suspend(|| crate::note!("skipped {display}: {reason}"));
 }
 
 fn to_stdout(
@@ -296,8 +302,10 @@ impl StdoutRows {
     fn start(args: &Args, backbone: &Backbone) -> anyhow::Result<StdoutRows> {
         let mut stdout = std::io::stdout().lock();
         if !args.no_header {
-            stdout.write_all(&features::csv_header(backbone.dim()))?;
-            stdout.flush()?;
+            stdout
+                .write_all(&features::csv_header(backbone.dim()))
+                .and_then(|()| stdout.flush())
+                .map_err(super::stdout_error)?;
         }
         Ok(StdoutRows {
             stdout,
@@ -325,8 +333,10 @@ impl StdoutRows {
                 )?;
                 // One write and a flush per row: a pipe reader gets whole rows at once, even
                 // when a path holds a newline and line buffering would cut the row.
-                self.stdout.write_all(&self.line)?;
-                self.stdout.flush()?;
+                self.stdout
+                    .write_all(&self.line)
+                    .and_then(|()| self.stdout.flush())
+                    .map_err(super::stdout_error)?;
                 tally.computed += 1;
             }
             Outcome::Skipped(reason) => {
@@ -336,6 +346,43 @@ impl StdoutRows {
         }
         progress.inc(1);
         Ok(())
+    }
+}
+
+/// A path as the journal knows it: its text when it is UTF-8 (as journals always had it), else
+/// `x:` and the hex of its bytes, which no UTF-8 path (absolute: it starts with `/`) can be, so
+/// two files whose names differ only in non-UTF-8 bytes never share a row.
+fn journal_key(path: &Path) -> String {
+    match path.to_str() {
+        Some(text) => text.to_string(),
+        None => {
+            let bytes = path.as_os_str().as_encoded_bytes();
+            let mut key = String::with_capacity(2 + 2 * bytes.len());
+            key.push_str("x:");
+            for b in bytes {
+                key.push_str(&format!("{b:02x}"));
+            }
+            key
+        }
+    }
+}
+
+/// The bytes a safetensors file stores as an input's path: its own (raw) when its name is not
+/// UTF-8, else the text shown everywhere.
+fn raw_display(input: &Input) -> &[u8] {
+    if input.path.to_str().is_none() {
+        input.path.as_os_str().as_encoded_bytes()
+    } else {
+        input.display.as_bytes()
+    }
+}
+
+/// Deletes a file when dropped (a run's private journal).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -355,7 +402,24 @@ fn to_file(
     progress: &ProgressBar,
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
-    let journal_file = journal_path(output);
+    // A FIFO or a device gets the rows, but no journal beside it (in /dev, or next to a pipe
+    // a reader is waiting on): the journal lives in the temp folder for this run only.
+    let special = features::is_special_output(output);
+    if special && args.resume {
+        bail!(
+            "{}: --resume needs a regular output file (this is a FIFO or a device, which keeps \
+             no journal beside it)",
+            output.display()
+        );
+    }
+    // Before the journal, whose name would otherwise be the one in the message.
+    features::check_output_folder(output)?;
+    let journal_file = if special {
+        std::env::temp_dir().join(format!(".dltool-{}.journal", std::process::id()))
+    } else {
+        journal_path(output)
+    };
+    let _cleanup = special.then(|| RemoveOnDrop(journal_file.clone()));
     if !args.resume {
         match std::fs::remove_file(&journal_file) {
             Ok(()) => {}
@@ -380,12 +444,7 @@ fn to_file(
     // each other; the output shows the path as the user spelled it.
     let keys: Vec<String> = inputs
         .iter()
-        .map(|i| {
-            std::fs::canonicalize(&i.path)
-                .unwrap_or_else(|_| i.path.clone())
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|i| journal_key(&std::fs::canonicalize(&i.path).unwrap_or_else(|_| i.path.clone())))
         .collect();
     let stamps: Vec<FileStamp> = inputs
         .iter()
@@ -405,7 +464,7 @@ fn to_file(
     progress.inc(tally.reused as u64);
     if tally.reused > 0 && !args.quiet {
         progress.suspend(|| {
-            eprintln!(
+            crate::note!(
                 "resuming: {} row(s) reused from {}",
                 tally.reused,
                 journal_file.display()
@@ -446,7 +505,9 @@ fn to_file(
         .enumerate()
         .filter_map(|(i, o)| o.map(|o| (i, o)))
         .collect();
-    if done.is_empty() {
+    // An empty shard still writes its part (header-only CSV, empty table), so that N shards
+    // always leave N parts; a run whose images all failed leaves any earlier output alone.
+    if done.is_empty() && !(args.shard.is_some() && inputs.is_empty()) {
         return Ok(());
     }
     write_output(
@@ -475,7 +536,7 @@ fn write_output(
     match format {
         Format::Csv => {
             let mut w = CsvFeatureWriter::create_with_header(output, dim, csv_header)?;
-            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
+            journal_rows(inputs, done, journal, |row, _| w.write_row(row))?;
             w.commit()?;
         }
         Format::Safetensors => {
@@ -485,7 +546,7 @@ fn write_output(
             labels.dedup();
             let path_bytes: u64 = done
                 .iter()
-                .map(|&(i, _)| inputs[i].display.len() as u64)
+                .map(|&(i, _)| raw_display(&inputs[i]).len() as u64)
                 .sum();
             let mut w = SafetensorsFeatureWriter::create(
                 output,
@@ -495,34 +556,37 @@ fn write_output(
                 &labels,
                 Some(&backbone.meta),
             )?;
-            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
+            journal_rows(inputs, done, journal, |row, raw| w.write_row_raw(row, raw))?;
             w.commit()?;
         }
         Format::Parquet => {
             let mut w = ParquetFeatureWriter::create(output, dim, Some(&backbone.meta))?;
-            journal_rows(inputs, done, journal, |row| w.write_row(row))?;
+            journal_rows(inputs, done, journal, |row, _| w.write_row(row))?;
             w.commit()?;
         }
     }
     Ok(())
 }
 
-/// Calls `write` with each row of `done` in order, its features read back from the journal into
-/// one reused buffer.
+/// Calls `write` with each row of `done` in order (and its path's raw bytes), its features read
+/// back from the journal into one reused buffer.
 fn journal_rows(
     inputs: &[Input],
     done: &[(usize, u64)],
     journal: &mut Journal,
-    mut write: impl FnMut(&Row) -> Result<(), FeatureError>,
+    mut write: impl FnMut(&Row, &[u8]) -> Result<(), FeatureError>,
 ) -> anyhow::Result<()> {
     let mut features = Vec::new();
     for &(i, offset) in done {
         journal.read_features_into(offset, &mut features)?;
-        write(&Row {
-            path: &inputs[i].display,
-            label: &inputs[i].label,
-            features: &features,
-        })?;
+        write(
+            &Row {
+                path: &inputs[i].display,
+                label: &inputs[i].label,
+                features: &features,
+            },
+            raw_display(&inputs[i]),
+        )?;
     }
     Ok(())
 }

@@ -2,9 +2,12 @@
 
 pub mod bench;
 pub mod classify;
+pub mod completions;
 pub mod evaluate;
 pub mod featurize;
 pub mod fine_tune;
+pub mod info;
+pub mod man;
 pub mod predict;
 pub mod split;
 pub mod train_head;
@@ -106,7 +109,7 @@ pub fn open_device(
 ) -> anyhow::Result<burn::prelude::Device> {
     let (device, description) = crate::device::open(choice).map_err(anyhow::Error::msg)?;
     if !quiet && !crate::device::is_cpu(&device) {
-        eprintln!("running on {description}");
+        crate::note!("running on {description}");
     }
     Ok(device)
 }
@@ -131,6 +134,35 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
             || e.downcast_ref::<crate::features::FeatureError>()
                 .is_some_and(|fe| matches!(fe, crate::features::FeatureError::Io { error, .. } if error.kind() == std::io::ErrorKind::BrokenPipe))
     })
+}
+
+/// A failed write to stdout, named as such (a closed pipe is recognised by [`is_broken_pipe`]).
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context("cannot write to stdout")
+}
+
+/// Refuses `table` (read from `file`) if its features are not the head's kind; when they carry
+/// no provenance (CSV) but the head does, says that only their width could be checked: 768
+/// columns of MobileNet 0.75 and of InceptionV3's mixed_6e look alike.
+pub fn check_head_features(
+    head: &crate::head::Head,
+    table: &crate::features::FeatureTable,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    head.check_features(table.dim, table.meta.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let h = &head.provenance;
+    if table.meta.is_none() && !h.backbone.is_empty() {
+        crate::note!(
+            "{}: these features carry no provenance: only their width ({}) was checked against \
+             the head's ({}, layer {})",
+            file.display(),
+            table.dim,
+            h.backbone,
+            h.layer
+        );
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr, or a hidden one when stderr is not a terminal or `quiet`.
@@ -166,16 +198,21 @@ pub enum Sink {
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Sink::Stdout(s) => s.write(buf),
+            Sink::Stdout(s) => s.write(buf).map_err(named_stdout),
             Sink::File(f) => f.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Sink::Stdout(s) => s.flush(),
+            Sink::Stdout(s) => s.flush().map_err(named_stdout),
             Sink::File(f) => f.flush(),
         }
     }
+}
+
+/// The same error, its message saying stdout; the kind stays, so a closed pipe is still one.
+fn named_stdout(e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("cannot write to stdout: {e}"))
 }
 
 impl Sink {
@@ -192,7 +229,7 @@ impl Sink {
     /// Flushes, and for a file renames it into place.
     pub fn finish(self) -> anyhow::Result<()> {
         match self {
-            Sink::Stdout(mut s) => Ok(s.flush()?),
+            Sink::Stdout(mut s) => Ok(s.flush().map_err(named_stdout)?),
             Sink::File(f) => {
                 let file = f.into_inner().map_err(|e| e.into_error())?;
                 Ok(file.commit()?)
@@ -222,8 +259,14 @@ where
     F: FnMut(&str, &[f32], &mut Vec<u8>) -> anyhow::Result<()>,
 {
     use crate::featurize::Outcome;
+    if let Sink::File(file) = sink {
+        crate::features::refuse_output_over_input(
+            file.get_ref().path(),
+            list.inputs.iter().map(|i| &i.path),
+        )?;
+    }
     for skip in &list.skipped {
-        eprintln!("skipped {}: {}", skip.display, skip.reason);
+        crate::note!("skipped {}: {}", skip.display, skip.reason);
     }
     let progress = progress_bar(
         list.inputs.len() as u64,
@@ -251,7 +294,7 @@ where
                     done += 1;
                 }
                 Outcome::Skipped(reason) => {
-                    progress.suspend(|| eprintln!("skipped {}: {reason}", input.display));
+                    progress.suspend(|| crate::note!("skipped {}: {reason}", input.display));
                     skipped += 1;
                 }
             }
@@ -261,10 +304,10 @@ where
     )?;
     progress.finish_and_clear();
     if !quiet {
-        eprintln!("{verb} {done} image(s), skipped {skipped}");
+        crate::note!("{verb} {done} image(s), skipped {skipped}");
     }
     Ok(if done == 0 {
-        eprintln!("dltool: no image was {verb}");
+        crate::note!("dltool: no image was {verb}");
         Status::Incomplete
     } else {
         Status::Ok

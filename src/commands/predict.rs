@@ -156,6 +156,15 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         bail!("--top-k must be at least 1");
     }
     let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
+    if let Some(k) = args.top_k.filter(|&k| k > head.classes.len()) {
+        crate::note!(
+            "dltool: --top-k {k} is more than the head's {} classes: every class is listed",
+            head.classes.len()
+        );
+    }
+    if let (Some(output), Some(file)) = (&args.output, &args.features) {
+        features::refuse_output_over_input(output, [file])?;
+    }
     let mut sink = Sink::open(args.output.as_deref())?;
     let mut rows = Rows {
         classes: &head.classes,
@@ -172,8 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let status = match &args.features {
         Some(file) => {
             let table = features::read_features(file)?;
-            head.check_features(table.dim, table.meta.as_ref())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            super::check_head_features(&head, &table, file)?;
             let probs = head.predict_proba(&table.data, table.len());
             let k = head.classes.len();
             for i in 0..table.len() {
@@ -194,6 +202,29 @@ fn predict_images(
     sink: &mut Sink,
 ) -> anyhow::Result<Status> {
     let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
+    let backbone = if head.provenance.backbone.is_empty() {
+        backbone_of_unknown(args, head)?
+    } else {
+        backbone_of_provenance(args, head)?
+    };
+    super::stream_images(
+        &backbone,
+        &list,
+        &args.run,
+        args.quiet,
+        "predicted",
+        backbone.dim(),
+        |pixels, n| backbone.features(pixels, n),
+        sink,
+        |path, features, out| {
+            out.extend_from_slice(rows.format(path, &head.predict_proba(features, 1))?);
+            Ok(())
+        },
+    )
+}
+
+/// The network a head's provenance names, loaded as it was (checked against the head).
+fn backbone_of_provenance(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
     let p = &head.provenance;
     let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
         anyhow::anyhow!(
@@ -241,21 +272,63 @@ fn predict_images(
             backbone.dim()
         );
     }
+    Ok(backbone)
+}
 
-    super::stream_images(
-        &backbone,
-        &list,
-        &args.run,
-        args.quiet,
-        "predicted",
-        backbone.dim(),
-        |pixels, n| backbone.features(pixels, n),
-        sink,
-        |path, features, out| {
-            out.extend_from_slice(rows.format(path, &head.predict_proba(features, 1))?);
-            Ok(())
-        },
-    )
+/// A head trained on CSV features of unknown provenance: the network is what --weights says
+/// (its last layer; the pooling and test-time augmentation the head recorded, if any), and the
+/// width is the only check there can be.
+fn backbone_of_unknown(args: &Args, head: &Head) -> anyhow::Result<Backbone> {
+    let Some(weights) = &args.weights else {
+        bail!(
+            "{}: the head was trained on CSV features of unknown provenance, so it does not \
+             know which network makes its features: pass the featurize --weights",
+            args.head.display()
+        );
+    };
+    let p = &head.provenance;
+    let bad = |e: String| anyhow::anyhow!("{}: {e}", args.head.display());
+    let pool: Pool = if p.pool.is_empty() {
+        Pool::Avg
+    } else {
+        p.pool.parse().map_err(bad)?
+    };
+    let tta: Tta = if p.tta.is_empty() {
+        Tta::None
+    } else {
+        p.tta.parse().map_err(bad)?
+    };
+    let opts = BackboneOptions {
+        kind: None,
+        weights: Some(weights.clone()),
+        variant: None,
+        layer: None,
+        pool,
+        tta,
+    };
+    let device = super::open_device(args.run.device, args.quiet)?;
+    let backbone = Backbone::load(&opts, device)?;
+    if backbone.dim() != head.feature_dim {
+        bail!(
+            "{}: the head expects {} features, but {} ({}, layer {}) gives {}: pass the weights \
+             the head's features were made with",
+            args.head.display(),
+            head.feature_dim,
+            weights.display(),
+            backbone.meta.backbone,
+            backbone.meta.layer,
+            backbone.dim()
+        );
+    }
+    crate::note!(
+        "{}: the head's provenance is unknown (CSV features): featurizing with {} ({}, layer {}); \
+         only the width was checked",
+        args.head.display(),
+        weights.display(),
+        backbone.meta.backbone,
+        backbone.meta.layer
+    );
+    Ok(backbone)
 }
 
 /// The head only makes sense on the features of the network it was trained on.

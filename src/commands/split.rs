@@ -63,6 +63,9 @@ pub fn run(args: Args) -> anyhow::Result<super::Status> {
                 a.display()
             );
         }
+        // The same file under another spelling (a symlink, ./x): caught by inode.
+        features::refuse_output_over_input(a, [&args.input])?;
+        features::refuse_output_over_input(a, &args.outputs[..i])?;
     }
     let table = features::read_features(&args.input)?;
     let parts = if args.by_hash {
@@ -86,7 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<super::Status> {
             .unwrap_or(Format::Csv);
         features::write_features(out, format, &table.select(&rows))?;
         if !args.quiet {
-            eprintln!("{}: {} rows", out.display(), rows.len());
+            crate::note!("{}: {} rows", out.display(), rows.len());
         }
     }
     Ok(super::Status::Ok)

@@ -1,7 +1,7 @@
 //! `dltool train-head`: a classifier on feature rows, saved as a self-describing head file.
 
 use super::Status;
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, Pool, Tta};
 use crate::features::{self, FeatureMeta, FeatureTable};
 use crate::head::{self, FitProgress, FitReport, Head, HeadModel, HeadParams, TrainingSummary};
 use crate::logistic::LogisticParams;
@@ -33,7 +33,9 @@ decides on your data).
 
 The head file records the classes, the feature dimension and where the features came from \
 (backbone, weights SHA-256, layer, pooling). Safetensors features carry that themselves; for CSV \
-features it is taken from --weights/--layer/--pool (the featurize defaults).")]
+features it is taken from --weights/--backbone/--layer when one is given (the network is loaded \
+and its width checked), else it is recorded as unknown (with --pool/--tta if given): such a head \
+predicts from images only with --weights, and only the feature width is checked.")]
 pub struct Args {
     /// Training features (CSV or safetensors, as written by featurize or split).
     #[arg(value_name = "FEATURES")]
@@ -200,6 +202,36 @@ pub fn provenance(
     if let Some(meta) = &table.meta {
         return Ok(meta.clone());
     }
+    let choice = &flags.choice;
+    if choice.weights.is_none()
+        && choice.backbone.is_none()
+        && choice.variant.is_none()
+        && flags.layer.is_none()
+    {
+        // Guessing the default weights could record the wrong network; unknown is honest, and
+        // predict then asks for --weights and checks the width. A pooling or augmentation
+        // other than the default was given on purpose: that much is recorded.
+        crate::note!(
+            "{}: CSV features carry no provenance: the head records it as unknown (pass the \
+             featurize --weights/--layer to record it); predicting from images will need --weights",
+            input.display()
+        );
+        let given = |name: &str, default: &str| {
+            if name == default {
+                String::new()
+            } else {
+                name.to_string()
+            }
+        };
+        return Ok(FeatureMeta {
+            backbone: String::new(),
+            weights_sha256: String::new(),
+            layer: String::new(),
+            pool: given(flags.pool.name(), Pool::Avg.name()),
+            tta: given(flags.tta.name(), Tta::None.name()),
+            dltool_version: String::new(),
+        });
+    }
     let opts = flags.options();
     // Loading the network checks the weights really are a backbone and names its variant.
     let backbone = Backbone::load(&opts, burn::prelude::Device::flex()).map_err(|e| {
@@ -216,7 +248,7 @@ pub fn provenance(
             input.display(),
             table.dim,
             backbone.meta.layer,
-            flags.pool.name(),
+            opts.pool.name(),
             backbone.dim()
         );
     }
@@ -275,7 +307,7 @@ pub fn fit_with_progress(
     bar.finish_and_clear();
     if !quiet {
         match report {
-            FitReport::Logistic(report) => eprintln!(
+            FitReport::Logistic(report) => crate::note!(
                 "logistic: {} iterations, objective {:.6}{}",
                 report.iterations,
                 report.objective,
@@ -285,7 +317,7 @@ pub fn fit_with_progress(
                     " (not converged: raise --max-iter)"
                 }
             ),
-            FitReport::Mlp(report) => eprintln!(
+            FitReport::Mlp(report) => crate::note!(
                 "mlp: {} epochs{}, best epoch {}",
                 report.epochs_run,
                 if report.stopped_early {
@@ -323,7 +355,7 @@ pub fn save_head(
     };
     head.save(output).map_err(anyhow::Error::msg)?;
     if !quiet {
-        eprintln!(
+        crate::note!(
             "trained a {} head on {} rows, {} classes: training accuracy {:.4}; wrote {}",
             head.model.kind(),
             head.training.rows,
@@ -337,6 +369,9 @@ pub fn save_head(
 
 pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.threads);
+    // Before the training, not after it.
+    features::check_output_folder(&args.output)?;
+    features::refuse_output_over_input(&args.output, [&args.input])?;
     let table = features::read_features(&args.input)?;
     let (classes, y) = classes_of(&table, &args.input)?;
     let meta = provenance(&args.provenance, &table, &args.input)?;

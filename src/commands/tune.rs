@@ -120,6 +120,10 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let base = args.head.params(args.seed);
     let grid = tune::parse_grid(&args.grid, &base).map_err(anyhow::Error::msg)?;
     let combinations = Arc::new(grid.combinations(&base));
+    if let Some(output) = &args.output {
+        features::check_output_folder(output)?;
+        features::refuse_output_over_input(output, [&args.input])?;
+    }
 
     let table = Arc::new(features::read_features(&args.input)?);
     let (classes, y) = train_head::classes_of(&table, &args.input)?;
@@ -190,13 +194,13 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             "best": summary.best().map(|b| combinations[b.combination].settings_json()),
             "results": tune::results_json(&summary, &combinations),
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else if !summary.ranked.is_empty() {
-        print!("{}", tune::table(&summary, &combinations));
+        crate::out!("{}", tune::table(&summary, &combinations))?;
     }
 
     if interrupted {
-        eprintln!(
+        crate::note!(
             "interrupted: {} of {} combinations finished all {} folds; the other {} ({} of them \
              partly done) are not shown{}",
             summary.ranked.len(),
@@ -220,7 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     };
     let winner = &combinations[best.combination];
     if !args.quiet {
-        eprintln!(
+        crate::note!(
             "best of {} combinations by {}-fold {}: {} ({:.4} ± {:.4})",
             summary.total,
             args.folds,
@@ -239,7 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             train_head::fit_with_progress(&params, &table2, &y, k, &input, quiet)
         });
         let Some(fitted) = fitted else {
-            eprintln!(
+            crate::note!(
                 "interrupted while training the best head on all rows; {} not written",
                 output.display()
             );

@@ -1,15 +1,16 @@
 //! `dltool weights`: the registry of known pretrained weights and its cache.
 
 use super::Status;
-use crate::registry::{self, Check, Entry, Format};
+use crate::registry::{self, Check, Entry};
 use anyhow::{Context, anyhow, bail};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = "\
 Files go to $DLTOOL_HOME/weights/<NAME>/ (default: the platform cache folder, ~/.cache/dltool \
-on Linux), are checked against their size and SHA-256, and are downloaded once. An interrupted \
-download is resumed by the next fetch. $DLTOOL_WEIGHTS_MIRROR=URL fetches <URL>/<NAME>/<file> \
+on Linux), are checked against their published size and SHA-256 (where the home publishes them: \
+see `dltool weights list`), and are downloaded once; an entry is installed only when all of its \
+files are verified. An interrupted download is resumed by the next fetch. $DLTOOL_WEIGHTS_MIRROR=URL fetches <URL>/<NAME>/<file> \
 instead of the original locations (plain http only for 127.0.0.1, localhost or [::1]).")]
 pub struct Args {
     #[command(subcommand)]
@@ -55,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         Action::Fetch { name, quiet } => {
             let entry = lookup(&name)?;
             let path = registry::fetch(entry, !quiet).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Import { file, name } => {
@@ -71,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             };
             let validate = |p: &Path| validate(entry, p);
             let path = registry::import(entry, &file, &validate).map_err(|e| anyhow!(e))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
         Action::Verify { name } => verify(name.as_deref()),
@@ -79,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             let entry = lookup(&name)?;
             let path = registry::cached_path(entry)
                 .ok_or_else(|| anyhow!(registry::not_fetched_error(entry)))?;
-            println!("{}", path.display());
+            crate::outln!("{}", path.display())?;
             Ok(Status::Ok)
         }
     }
@@ -97,66 +98,49 @@ fn lookup(name: &str) -> anyhow::Result<&'static Entry> {
     registry::find(name).ok_or_else(|| anyhow!("unknown weights {name:?}: known are {}", names()))
 }
 
-/// The check a file must pass before import: it loads as the entry's network.
+/// The check a file must pass before import: it loads as the entry's network (for a TF.js
+/// model that reads every shard, so a missing or short one is refused too).
 fn validate(entry: &Entry, path: &Path) -> Result<(), String> {
     let spec = crate::backbones::of_registry_entry(entry.name)
-        .ok_or_else(|| format!("{}: no network of dltool uses this entry", entry.name))?;
+        .ok_or_else(|| format!("{}: no network of this dltool uses this entry", entry.name))?;
     crate::backbones::check_weights_for(spec, path).map_err(|e| e.to_string())?;
-    match entry.format {
-        Format::Pytorch => {
-            let device = burn::prelude::Device::flex();
-            let opts = crate::backbones::LoadOptions {
-                device: &device,
-                variant: None,
-            };
-            (spec.load)(path, &opts)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-        Format::TfjsLayers => {
-            let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
-            if json.get("modelTopology").is_none() || json.get("weightsManifest").is_none() {
-                return Err(
-                    "not a TF.js layers model.json (no modelTopology/weightsManifest)".into(),
-                );
-            }
-            registry::manifest_paths(path).map(|_| ())
-        }
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const MB: f64 = 1024.0 * 1024.0;
-    if bytes as f64 >= MB {
-        format!("{:.1} MiB", bytes as f64 / MB)
-    } else {
-        format!("{:.1} KiB", bytes as f64 / 1024.0)
-    }
+    let device = burn::prelude::Device::flex();
+    let opts = crate::backbones::LoadOptions {
+        device: &device,
+        variant: None,
+    };
+    (spec.load)(path, &opts)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn list() -> anyhow::Result<Status> {
     let cache = registry::cache_from_env().map_err(|e| anyhow!(e))?;
-    println!("{:<26} {:<8} {:>10}  DESCRIPTION", "NAME", "CACHED", "SIZE");
+    crate::outln!(
+        "{:<26} {:<8} {:>10}  {:<15} DESCRIPTION",
+        "NAME",
+        "CACHED",
+        "SIZE",
+        "KNOWN HASH"
+    )?;
     for entry in registry::entries() {
         let (cached, size) = match cache.cached_size(entry) {
-            Some(n) => ("yes", human(n)),
-            None => ("no", entry.known_size().map_or("?".into(), human)),
+            Some(n) => ("yes", registry::human_bytes(n)),
+            None => (
+                "no",
+                entry.known_size().map_or("?".into(), registry::human_bytes),
+            ),
         };
-        let note = if entry.hashes_known() {
-            ""
-        } else if entry.format == Format::TfjsLayers {
-            " [hashes unknown: files are not verified]"
-        } else {
-            " [only a sha256 prefix is known]"
-        };
-        println!(
-            "{:<26} {:<8} {:>10}  {}{note}",
-            entry.name, cached, size, entry.description
-        );
+        crate::outln!(
+            "{:<26} {:<8} {:>10}  {:<15} {}",
+            entry.name,
+            cached,
+            size,
+            entry.checks(),
+            entry.description
+        )?;
     }
-    println!("cache: {}", cache.root.join("weights").display());
+    crate::outln!("cache: {}", cache.root.join("weights").display())?;
     Ok(Status::Ok)
 }
 
@@ -164,7 +148,7 @@ fn list() -> anyhow::Result<Status> {
 fn started(cache: &registry::Cache, entry: &Entry) -> bool {
     cache
         .entry_dir(entry)
-        .join(entry.main_file().name)
+        .join(entry.main_file().installed_name())
         .is_file()
 }
 
@@ -184,10 +168,11 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
             .collect(),
     };
     if targets.is_empty() {
-        println!("nothing cached in {}", cache.root.join("weights").display());
+        crate::outln!("nothing cached in {}", cache.root.join("weights").display())?;
         return Ok(Status::Ok);
     }
     let mut failed = 0usize;
+    let mut damaged: Vec<&str> = Vec::new();
     for entry in targets {
         let checks = cache
             .verify(entry)
@@ -196,19 +181,31 @@ fn verify(name: Option<&str>) -> anyhow::Result<Status> {
         for c in &checks {
             let (word, why) = match &c.check {
                 Check::Ok => ("ok", String::new()),
+                Check::MatchesRecord => (
+                    "ok",
+                    " (no hash published: matches the one recorded at download)".to_string(),
+                ),
                 Check::Unverifiable => ("present", " (no hash known)".to_string()),
                 Check::Missing => ("MISSING", String::new()),
                 Check::Bad(why) => ("BAD", format!(": {why}")),
             };
             if matches!(c.check, Check::Missing | Check::Bad(_)) {
                 failed += 1;
+                if !damaged.contains(&entry.name) {
+                    damaged.push(entry.name);
+                }
             }
-            println!("{word:<8} {}{why}", c.path.display());
+            crate::outln!("{word:<8} {}{why}", c.path.display())?;
         }
     }
     if failed > 0 {
+        let commands: Vec<String> = damaged
+            .iter()
+            .map(|n| format!("`dltool weights fetch {n}`"))
+            .collect();
         bail!(
-            "{failed} cached weight file(s) missing or damaged: run `dltool weights fetch NAME` again"
+            "{failed} cached weight file(s) missing or damaged: run {} to replace them",
+            commands.join(" and ")
         );
     }
     Ok(Status::Ok)

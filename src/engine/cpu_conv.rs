@@ -67,15 +67,18 @@ impl Act {
         let len = n * h * w * c;
         let recycled = {
             let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-            // The smallest spare that is large enough, so big buffers stay for big layers.
+            // The smallest spare that is large enough, so big buffers stay for big layers. By
+            // capacity: a big buffer that last held a small activation is still big (judged by
+            // length, networks whose sizes vary a lot, like EfficientNet, kept allocating).
             let best = (0..spare.len())
-                .filter(|&i| spare[i].len() >= len)
-                .min_by_key(|&i| spare[i].len());
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity());
             best.map(|i| spare.swap_remove(i))
         };
         let data = match recycled {
             Some(mut v) => {
-                v.truncate(len);
+                // Within capacity: no allocation; only a grown tail is written.
+                v.resize(len, 0.0);
                 v
             }
             None => vec![0.0; len],
@@ -168,8 +171,53 @@ fn transpose_each(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
 pub enum Epilogue {
     /// `max(x + bias, 0)`
     BiasRelu,
+    /// `min(max(x + bias, 0), 6)` (MobileNet v2 / EfficientNet-Lite).
+    BiasRelu6,
+    /// `x + bias`, no activation (a linear bottleneck's projection).
+    Bias,
     /// Left as the bare product (bias and ReLU follow later, e.g. after a pool).
     None,
+}
+
+impl Epilogue {
+    /// The epilogue of one value `v` with its column's bias `b`.
+    #[inline(always)]
+    // max then min rather than clamp: NaN becomes 0 as with BiasRelu's max, the same as the
+    // vector paths' max/min instructions, so every path agrees.
+    #[allow(clippy::manual_clamp)]
+    pub fn apply(self, v: f32, b: f32) -> f32 {
+        match self {
+            Epilogue::BiasRelu => (v + b).max(0.0),
+            Epilogue::BiasRelu6 => (v + b).max(0.0).min(6.0),
+            Epilogue::Bias => v + b,
+            Epilogue::None => v,
+        }
+    }
+
+    /// [`Epilogue::apply`] over a row, with the match outside the loop so that it vectorises.
+    #[inline(always)]
+    #[allow(clippy::manual_clamp)] // as in `apply`
+    fn apply_row(self, row: &mut [f32], bias: &[f32]) {
+        match self {
+            Epilogue::BiasRelu => row.iter_mut().zip(bias).for_each(|(v, b)| {
+                *v = (*v + b).max(0.0);
+            }),
+            Epilogue::BiasRelu6 => row.iter_mut().zip(bias).for_each(|(v, b)| {
+                *v = (*v + b).max(0.0).min(6.0);
+            }),
+            Epilogue::Bias => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+            Epilogue::None => {}
+        }
+    }
+}
+
+/// TensorFlow's "SAME" padding of one dimension: the output size `ceil(input / stride)` and
+/// the padding before the first input; the padding after it is the rest (one more when the
+/// total is odd, so the extra row or column goes at the bottom or right).
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = input.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(input);
+    (out, total / 2)
 }
 
 /// A convolution with its weights packed for `im2col x weights`: `w[k][cout]` with
@@ -181,6 +229,8 @@ pub struct Conv {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub pad: [usize; 2],
+    /// Pads like TensorFlow's "SAME" (see [`same_padding`]) instead of by `pad`.
+    same: bool,
     w: Vec<f32>,
     pub bias: Vec<f32>,
     /// Per output column: which epilogue applies (several convolutions fused into one GEMM may
@@ -219,6 +269,7 @@ impl Conv {
             kernel: [kh, kw],
             stride,
             pad,
+            same: false,
             w,
             bias: bias.to_vec(),
             epilogue: vec![Epilogue::BiasRelu; cout],
@@ -230,6 +281,7 @@ impl Conv {
     /// epilogue only), unless `DLTOOL_WINOGRAD=0` asks for im2col everywhere.
     pub fn with_winograd(mut self, tile: [usize; 2]) -> Self {
         assert_eq!(self.stride, [1, 1], "Winograd needs stride 1");
+        assert!(!self.same, "Winograd pads symmetrically");
         assert!(
             self.epilogue.iter().all(|e| *e == Epilogue::BiasRelu),
             "Winograd convolutions end in bias and ReLU"
@@ -245,6 +297,14 @@ impl Conv {
             self.pad,
             tile,
         )));
+        self
+    }
+
+    /// This convolution padded like TensorFlow's "SAME": output `ceil(input / stride)`, the
+    /// odd padding row or column at the bottom or right.
+    pub fn with_tf_same(mut self) -> Self {
+        assert!(self.winograd.is_none(), "Winograd pads symmetrically");
+        self.same = true;
         self
     }
 
@@ -277,6 +337,7 @@ impl Conv {
             kernel: [1, 1],
             stride: [1, 1],
             pad: [0, 0],
+            same: false,
             w,
             bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
             epilogue: parts.iter().flat_map(|p| p.epilogue.clone()).collect(),
@@ -287,8 +348,23 @@ impl Conv {
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
         let [kh, kw] = self.kernel;
         let [sh, sw] = self.stride;
+        if self.same {
+            return (same_padding(h, kh, sh).0, same_padding(w, kw, sw).0);
+        }
         let [ph, pw] = self.pad;
         ((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1)
+    }
+
+    /// Padding before the first row and column for an `h` x `w` input.
+    fn pad_before(&self, h: usize, w: usize) -> [usize; 2] {
+        if self.same {
+            [
+                same_padding(h, self.kernel[0], self.stride[0]).1,
+                same_padding(w, self.kernel[1], self.stride[1]).1,
+            ]
+        } else {
+            self.pad
+        }
     }
 
     /// A fresh output activation holding this convolution's result of `x`.
@@ -302,6 +378,31 @@ impl Conv {
     /// Convolves channels `x_c0..x_c0 + cin` of `x` into channels `out_c0..out_c0 + cout` of
     /// `out`, leaving the other channels of `out` alone.
     pub fn forward_into(&self, x: &Act, x_c0: usize, out: &mut Act, out_c0: usize) {
+        self.forward_inner(x, x_c0, out, out_c0, None);
+    }
+
+    /// `self(x) + residual`, the sum taken on each output tile right after its epilogue (an
+    /// inverted-residual block's skip connection, without another pass over memory).
+    pub fn forward_residual(&self, x: &Act, residual: &Act) -> Act {
+        let (ho, wo) = self.out_hw(x.h, x.w);
+        assert_eq!(
+            (residual.n, residual.h, residual.w, residual.c),
+            (x.n, ho, wo, self.cout),
+            "residual shape does not match the convolution's output"
+        );
+        let mut out = Act::new(x.n, ho, wo, self.cout);
+        self.forward_inner(x, 0, &mut out, 0, Some(residual));
+        out
+    }
+
+    fn forward_inner(
+        &self,
+        x: &Act,
+        x_c0: usize,
+        out: &mut Act,
+        out_c0: usize,
+        residual: Option<&Act>,
+    ) {
         let (ho, wo) = self.out_hw(x.h, x.w);
         assert!(x_c0 + self.cin <= x.c, "input channels out of range");
         assert!(out_c0 + self.cout <= out.c, "output channels out of range");
@@ -313,7 +414,8 @@ impl Conv {
         if let Some(wg) = &self.winograd {
             return wg.forward_into(x, x_c0, out, out_c0);
         }
-        let direct = self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0];
+        let direct =
+            self.kernel == [1, 1] && self.stride == [1, 1] && self.pad_before(1, 1) == [0, 0];
         let k = self.kernel[0] * self.kernel[1] * self.cin;
         let out_c = out.c;
         let rows = out.rows();
@@ -343,7 +445,18 @@ impl Conv {
                 unsafe {
                     let d = dst.get().add(r0 * out_c + out_c0);
                     self.gemm_tile(m, k, a, a_rs, d, out_c, cols.clone());
-                    self.epilogue_tile(d, m, out_c, cols);
+                    self.epilogue_tile(d, m, out_c, cols.clone());
+                    if let Some(res) = residual {
+                        // Same shape as `out` and out_c0 == 0 (forward_residual).
+                        for r in 0..m {
+                            let src = &res.data[(r0 + r) * out_c + cols.start..][..cols.len()];
+                            let row = std::slice::from_raw_parts_mut(
+                                d.add(r * out_c + cols.start),
+                                cols.len(),
+                            );
+                            row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
+                        }
+                    }
                 }
             });
         });
@@ -428,7 +541,7 @@ impl Conv {
     ) {
         let [kh, kw] = self.kernel;
         let [sh, sw] = self.stride;
-        let [ph, pw] = self.pad;
+        let [ph, pw] = self.pad_before(x.h, x.w);
         let cin = self.cin;
         let k = kh * kw * cin;
         // With all of the input's channels, a kernel row's pixels lie side by side in memory.
@@ -462,7 +575,7 @@ impl Conv {
         }
     }
 
-    /// Bias and ReLU (where the column's epilogue says so) on columns `cols` of `m` rows.
+    /// Each column's epilogue on columns `cols` of `m` rows.
     ///
     /// # Safety
     /// As for [`Conv::gemm_tile`].
@@ -475,21 +588,17 @@ impl Conv {
     ) {
         let bias = &self.bias[cols.clone()];
         let epilogue = &self.epilogue[cols.clone()];
-        let all_relu = epilogue.iter().all(|e| *e == Epilogue::BiasRelu);
+        let uniform = epilogue.iter().all(|e| *e == epilogue[0]);
         for r in 0..m {
             // SAFETY: the caller vouches for these columns of row r.
             let row = unsafe {
                 std::slice::from_raw_parts_mut(dst.add(r * dst_rs + cols.start), cols.len())
             };
-            if all_relu {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v = (*v + b).max(0.0);
-                }
+            if uniform {
+                epilogue[0].apply_row(row, bias);
             } else {
                 for ((v, b), e) in row.iter_mut().zip(bias).zip(epilogue) {
-                    if *e == Epilogue::BiasRelu {
-                        *v = (*v + b).max(0.0);
-                    }
+                    *v = e.apply(*v, *b);
                 }
             }
         }

@@ -6,4 +6,6 @@
 
 pub mod cpu;
 pub mod cpu_conv;
+pub mod cpu_ops;
+pub mod depthwise;
 pub mod winograd;

@@ -144,6 +144,8 @@ impl InceptionV3Config {
             height: 299,
             mean: [mean; 3],
             std: [std; 3],
+            resize: crate::image_io::Resize::Stretch,
+            channels: crate::image_io::ChannelOrder::Rgb,
         }
     }
 }
