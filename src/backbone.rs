@@ -132,6 +132,13 @@ impl Backbone {
     /// Finds the weights (`--weights`, `$DLTOOL_WEIGHTS`, `assets/weights/`, the cache) and
     /// loads them.
     pub fn load(opts: &BackboneOptions, device: Device) -> anyhow::Result<Self> {
+        let (path, kind) = Self::resolve(opts)?;
+        Self::load_file(&path, kind, opts, device)
+    }
+
+    /// The weight file `opts` names (or the default one) and the network it is for, without
+    /// loading it: a command whose layer depends on the network asks this first.
+    pub fn resolve(opts: &BackboneOptions) -> anyhow::Result<(PathBuf, BackboneKind)> {
         let wanted = opts
             .kind
             .map(BackboneKind::spec)
@@ -146,7 +153,7 @@ impl Backbone {
             None if opts.weights.is_some() => BackboneKind::of_weights(&path),
             None => BackboneKind(wanted),
         };
-        Self::load_file(&path, kind, opts, device)
+        Ok((path, kind))
     }
 
     pub fn load_file(

@@ -554,23 +554,26 @@ fn load_fine_tuned(
     meta: &std::collections::HashMap<String, String>,
     bytes: Vec<u8>,
 ) -> Result<crate::finetune::top::FineTuned, String> {
-    use crate::inception_v3::{BlockVariant, Layer};
-    let variant: BlockVariant = provenance
+    use crate::inception_v3::BlockVariant;
+    let (network, variant) = provenance
         .backbone
-        .strip_prefix("inception_v3/")
-        .ok_or_else(|| {
-            format!(
-                "fine-tuned for backbone '{}', which this dltool cannot fine-tune",
-                provenance.backbone
-            )
-        })?
-        .parse()?;
-    let cut: Layer = provenance.layer.parse()?;
-    crate::finetune::cut_point(cut.name()).map_err(|e| e.to_string())?;
+        .split_once('/')
+        .unwrap_or((provenance.backbone.as_str(), ""));
+    let cut = crate::finetune::cut_of(network, &provenance.layer).map_err(|e| match e {
+        crate::finetune::FineTuneError::Backbone(_) => format!(
+            "fine-tuned for backbone '{}', which this dltool cannot fine-tune",
+            provenance.backbone
+        ),
+        other => other.to_string(),
+    })?;
+    let variant: Option<BlockVariant> = match cut {
+        crate::finetune::Cut::Inception(_) => Some(variant.parse()?),
+        crate::finetune::Cut::Lite { .. } => None,
+    };
     if provenance.pool != "none" || feature_dim != cut.shape().iter().product::<usize>() {
         return Err(format!(
             "a fine-tuned model reads whole {} activations, not {feature_dim} '{}'-pooled features",
-            cut.name(),
+            cut.layer(),
             provenance.pool
         ));
     }
@@ -579,13 +582,13 @@ fn load_fine_tuned(
         .and_then(|r| serde_json::from_str(r).ok())
         .unwrap_or_default();
     let device = burn::prelude::Device::flex();
-    let mut net = crate::finetune::FineTunedNet::architecture(variant, cut, classes, &device)
+    let mut net = crate::finetune::FineTunedNet::architecture(cut, variant, classes, &device)
         .map_err(|e| e.to_string())?;
     net.load_bytes(bytes)?;
     Ok(crate::finetune::top::FineTuned {
         net,
-        variant,
         cut,
+        variant,
         report,
     })
 }

@@ -25,6 +25,12 @@ fn flowers(dir: &Path, classes: &[&str], skip: usize, per_class: usize) -> PathB
     dir.to_path_buf()
 }
 
+/// EfficientNet-Lite0: the smallest network dltool fine-tunes, so the end-to-end runs stay
+/// a few seconds on 2 cores.
+fn lite0() -> PathBuf {
+    shared("weights/efficientnet_lite0/efficientnet-lite0-57934424.pth")
+}
+
 fn fine_tune(images: &Path, model: &Path, cache: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = dltool();
     cmd.arg("fine-tune")
@@ -65,19 +71,51 @@ fn a_class_too_small_for_the_validation_split_is_refused() {
 fn a_layer_that_is_not_a_cut_point_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 2);
-    for layer in ["mixed_7c", "mixed_5d", "conv_9"] {
+    let lite0 = lite0();
+    let lite0 = lite0.to_str().unwrap();
+    for (layer, extra, points) in [
+        (
+            "mixed_7c",
+            None,
+            "inception_v3 (cut points: mixed_6e, mixed_7a)",
+        ),
+        (
+            "mixed_5d",
+            None,
+            "inception_v3 (cut points: mixed_6e, mixed_7a)",
+        ),
+        (
+            "head",
+            Some(lite0),
+            "efficientnet_lite0 (cut points: block0, block2, block4, block7, block10, block14, block15)",
+        ),
+        (
+            "block3",
+            Some(lite0),
+            "efficientnet_lite0 (cut points: block0, block2",
+        ),
+    ] {
+        let mut args = vec!["--from-layer", layer];
+        if let Some(w) = extra {
+            args.extend(["--weights", w]);
+        }
         fails_with(
-            &mut fine_tune(
-                &images,
-                &dir.path().join("m"),
-                &dir.path().join("c"),
-                &["--from-layer", layer],
-            ),
-            &format!(
-                "--from-layer {layer}: not a fine-tuning cut point of inception_v3 (cut points: mixed_6e, mixed_7a)"
-            ),
+            &mut fine_tune(&images, &dir.path().join("m"), &dir.path().join("c"), &args),
+            &format!("--from-layer {layer}: not a fine-tuning cut point of {points}"),
         );
     }
+}
+
+#[test]
+fn a_network_that_cannot_be_fine_tuned_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 2);
+    fails_with(
+        fine_tune(&images, &dir.path().join("m"), &dir.path().join("c"), &[])
+            .arg("--weights")
+            .arg(shared("weights/mobilenet_v1_0.25_224/model.json")),
+        "--backbone mobilenet_v1: fine-tuning supports inception_v3, efficientnet_lite0 and efficientnet_lite2",
+    );
 }
 
 #[test]
@@ -116,9 +154,14 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
     let train = flowers(&dir.path().join("train"), &classes, 0, 20);
     let test = flowers(&dir.path().join("test"), &classes, 100, 10);
     let cache = dir.path().join("cache");
+    let lite0 = lite0();
     let args = [
+        "--weights",
+        lite0.to_str().unwrap(),
+        // The last stage end: block 15 and the head train (the default, block10, trains five
+        // blocks: more time, no more coverage).
         "--from-layer",
-        "mixed_7a",
+        "block14",
         "--epochs",
         "2",
         "--seed",
@@ -141,9 +184,10 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
 
     let head = Head::load(&first).unwrap();
     assert_eq!(head.classes, vec!["daisy", "sunflowers"]);
-    assert_eq!(head.provenance.layer, "mixed_7a");
+    assert_eq!(head.provenance.backbone, "efficientnet_lite0/224");
+    assert_eq!(head.provenance.layer, "block14");
     assert_eq!(head.provenance.pool, "none");
-    assert_eq!(head.feature_dim, 1280 * 8 * 8);
+    assert_eq!(head.feature_dim, 192 * 7 * 7);
     let HeadModel::FineTuned { model, params } = &head.model else {
         panic!("not a fine-tuned model: {}", head.model.kind());
     };
@@ -167,7 +211,13 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
     );
 
     // Held-out photos through the model, with the frozen part from the shared weights.
-    let stdout = ok(dltool().arg("predict").arg(&first).arg(&test).arg("-q"));
+    let stdout = ok(dltool()
+        .arg("predict")
+        .arg(&first)
+        .arg(&test)
+        .arg("--weights")
+        .arg(&lite0)
+        .arg("-q"));
     let rows: Vec<&str> = stdout.lines().skip(1).collect();
     assert_eq!(rows.len(), 20);
     let correct = rows
@@ -181,6 +231,8 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
         .arg("evaluate")
         .arg(&first)
         .arg(&test)
+        .arg("--weights")
+        .arg(&lite0)
         .arg("--json"));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let accuracy = v["accuracy"].as_f64().unwrap();

@@ -50,7 +50,7 @@ fn predict_folder(
         &mut std::io::empty(),
     )?;
     for skip in &list.skipped {
-        eprintln!("skipped {}: {}", skip.display, skip.reason);
+        crate::note!("skipped {}: {}", skip.display, skip.reason);
     }
     let device = super::open_device(args.run.device, true)?;
     let backbone = crate::head::open_backbone(head, &args.head, args.weights.as_deref(), device)?;
@@ -68,7 +68,7 @@ fn predict_folder(
                     probs.extend(head.predict_proba(x, 1));
                 }
                 crate::featurize::Outcome::Skipped(reason) => {
-                    eprintln!("skipped {}: {reason}", list.inputs[i].display)
+                    crate::note!("skipped {}: {reason}", list.inputs[i].display)
                 }
             }
             Ok(())

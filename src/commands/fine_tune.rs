@@ -1,8 +1,8 @@
 //! `dltool fine-tune`: train the top of the network and a new classifier on labelled images.
 
 use super::Status;
-use crate::backbone::{Backbone, BackboneKind, BackboneOptions, Pool, Tta};
-use crate::finetune::{self, FineTuneParams, FineTunedNet, cache};
+use crate::backbone::{Backbone, BackboneOptions, Pool, Tta};
+use crate::finetune::{self, FineTuneParams, FineTunedNet, cache, top::Pretrained};
 use crate::head::{Head, HeadModel, TrainingSummary};
 use crate::inputs;
 use anyhow::{Context, bail};
@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = "\
-Example:
+Examples:
+  dltool fine-tune flowers/ -o flowers.safetensors --weights efficientnet-lite2-9656183e.pth
   dltool fine-tune flowers/ -o flowers.safetensors --weights inception_v3_tf2015.safetensors
 
 The network below --from-layer stays frozen: it runs once per image and view (the image and its \
@@ -38,17 +39,14 @@ pub struct Args {
     #[arg(short = 'o', long = "output", value_name = "MODEL")]
     pub output: PathBuf,
 
-    /// The network (inception_v3).
-    #[arg(long, default_value = "inception_v3", value_name = "NAME")]
-    pub backbone: BackboneKind,
+    #[command(flatten)]
+    pub network: super::NetworkChoice,
 
-    /// Weight file [default: as featurize finds it].
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
-
-    /// Train the blocks above this layer: mixed_6e (Mixed_7a..7c) or mixed_7a (7b, 7c).
-    #[arg(long, default_value = finetune::DEFAULT_CUT, value_name = "LAYER")]
-    pub from_layer: String,
+    /// Train the blocks above this layer [default: mixed_6e for inception_v3 (Mixed_7a..7c
+    /// train; mixed_7a: 7b, 7c), block14 for efficientnet_lite2 (blocks 15-20 and the head
+    /// conv), block10 for efficientnet_lite0]; EfficientNet-Lite cuts at any stage end.
+    #[arg(long, value_name = "LAYER")]
+    pub from_layer: Option<String>,
 
     /// Most epochs (early stopping may end sooner).
     #[arg(long, default_value_t = FineTuneParams::default().epochs)]
@@ -154,13 +152,12 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.run.threads);
     let params = args.params();
     params.check()?;
-    let cut = finetune::cut_layer(args.backbone, &args.from_layer)?;
     if args.run.device != crate::device::DeviceChoice::Cpu {
         bail!("--device: fine-tune runs on the CPU only");
     }
     let list = inputs::collect(&args.paths, &mut std::io::stdin().lock())?;
     for skip in &list.skipped {
-        eprintln!("skipped {}: {}", skip.display, skip.reason);
+        crate::note!("skipped {}: {}", skip.display, skip.reason);
     }
     if list.inputs.is_empty() {
         bail!("no images found in {}", args.paths.join(" "));
@@ -168,16 +165,20 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let given = args.paths.join(" ");
     check_classes(list.inputs.iter().map(|i| i.label.as_str()), &given)?;
 
-    let opts = BackboneOptions {
-        kind: Some(args.backbone),
-        weights: args.weights.clone(),
-        variant: None,
-        layer: Some(cut.name().to_string()),
+    let mut opts = BackboneOptions {
         pool: Pool::None,
         tta: Tta::None,
+        ..args.network.options()
     };
+    let (weights_path, kind) = Backbone::resolve(&opts)?;
+    let layer = match &args.from_layer {
+        Some(l) => l.clone(),
+        None => finetune::default_cut(kind.name())?.to_string(),
+    };
+    let cut = finetune::cut_layer(kind, &layer)?;
+    opts.layer = Some(cut.layer());
     let device = super::open_device(args.run.device, args.quiet)?;
-    let backbone = Backbone::load(&opts, device.clone())?;
+    let backbone = Backbone::load_file(&weights_path, kind, &opts, device.clone())?;
     let shape = cut.shape();
     let root = match &args.cache_dir {
         Some(d) => d.clone(),
@@ -219,10 +220,10 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     )?;
     bar.finish_and_clear();
     for (path, reason) in &filled.skipped {
-        eprintln!("skipped {path}: {reason}");
+        crate::note!("skipped {path}: {reason}");
     }
     if filled.interrupted {
-        eprintln!(
+        crate::note!(
             "interrupted: {} image(s) cached in {}; run the same command again to resume",
             filled.reused + filled.computed,
             act_cache.dir().display()
@@ -237,9 +238,9 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     }
     let cache_seconds = started.elapsed().as_secs_f64();
     if !args.quiet {
-        eprintln!(
+        crate::note!(
             "activations at {} for {} image(s) x {} views: {} reused, {} computed ({cache_seconds:.0} s), cache {}",
-            cut.name(),
+            cut.layer(),
             act_cache.images().len(),
             cache::VIEWS.len(),
             filled.reused,
@@ -258,10 +259,33 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         .map(|i| classes.binary_search(&i.label).expect("class listed"))
         .collect();
 
-    let (model, loaded) =
-        crate::inception_v3::load(&backbone.weights_path, None, &burn::prelude::Device::flex())?;
-    let net =
-        FineTunedNet::from_pretrained(model, cut, classes.len(), &burn::prelude::Device::flex())?;
+    let flex = burn::prelude::Device::flex();
+    let (pretrained, variant) = match cut {
+        finetune::Cut::Inception(_) => {
+            let variant = opts
+                .variant
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let (model, loaded) =
+                crate::inception_v3::load(&backbone.weights_path, variant, &flex)?;
+            (
+                Pretrained::Inception(Box::new(model)),
+                Some(loaded.config.variant),
+            )
+        }
+        finetune::Cut::Lite { spec, .. } => (
+            Pretrained::Lite(Box::new(
+                crate::backbones::efficientnet_lite::FoldedLite::load(
+                    &backbone.weights_path,
+                    Some(spec.name),
+                )?,
+            )),
+            None,
+        ),
+    };
+    let net = FineTunedNet::from_pretrained(pretrained, cut, classes.len(), &flex)?;
 
     let bar = super::progress_bar(
         params.epochs as u64,
@@ -270,6 +294,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     );
     let last_val = std::cell::RefCell::new(String::new());
     let train_started = std::time::Instant::now();
+    let epoch_started = std::cell::Cell::new(train_started);
     let result = finetune::train::train(
         net,
         &mut act_cache,
@@ -291,10 +316,13 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             bar.set_position(e.epoch as u64);
             *last_val.borrow_mut() =
                 format!("  val loss {:.4} acc {:.3}", e.val_loss, e.val_accuracy);
+            // Printed, not recorded: the model file stays the same for the same seed.
+            let seconds = epoch_started.get().elapsed().as_secs_f64();
+            epoch_started.set(std::time::Instant::now());
             if !args.quiet {
                 bar.suspend(|| {
-                    eprintln!(
-                        "epoch {}: train loss {:.4}, validation loss {:.4}, accuracy {:.4}",
+                    crate::note!(
+                        "epoch {}: train loss {:.4}, validation loss {:.4}, accuracy {:.4} ({seconds:.0} s)",
                         e.epoch, e.train_loss, e.val_loss, e.val_accuracy
                     )
                 });
@@ -305,7 +333,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let (net, report) = match result {
         Ok(r) => r,
         Err(finetune::FineTuneError::Interrupted) => {
-            eprintln!("interrupted before the first epoch finished: nothing saved");
+            crate::note!("interrupted before the first epoch finished: nothing saved");
             return Ok(Status::Interrupted);
         }
         Err(e) => return Err(e.into()),
@@ -321,8 +349,8 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         model: HeadModel::FineTuned {
             model: Box::new(finetune::top::FineTuned {
                 net,
-                variant: loaded.config.variant,
                 cut,
+                variant,
                 report: report.clone(),
             }),
             params,
@@ -335,7 +363,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     };
     head.save(&args.output).map_err(anyhow::Error::msg)?;
     if !args.quiet {
-        eprintln!(
+        crate::note!(
             "{} {}: best epoch {} of {} (validation loss {:.4}, accuracy {:.4} on {} images), \
              training {:.0} s, total {:.0} s",
             if report.interrupted {

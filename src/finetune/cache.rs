@@ -263,12 +263,7 @@ mod tests {
     }
 
     fn pre() -> Preprocess {
-        Preprocess {
-            width: 299,
-            height: 299,
-            mean: [128.0; 3],
-            std: [128.0; 3],
-        }
+        crate::backbones::efficientnet_lite::LITE2.preprocess()
     }
 
     #[test]

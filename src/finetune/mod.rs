@@ -1,7 +1,8 @@
 //! Fine-tuning: train the top of a pretrained network (and a new classifier) on the user's
 //! images, the way DL4J's `TransferLearningHelper` does it: the frozen bottom runs once per
 //! image and view on dltool's CPU engine and its activations at the cut layer are cached
-//! ([`cache`]); the blocks above the cut run in burn with autodiff ([`top`], [`train`]).
+//! ([`cache`]); the blocks above the cut run in burn with autodiff ([`top`], [`train`]):
+//! InceptionV3's Mixed blocks, or EfficientNet-Lite's MBConv blocks and head ([`lite`]).
 //!
 //! BatchNorm in the trained blocks is held in inference mode: it is folded into the
 //! convolutions, which is exact for the pretrained statistics, and a few hundred images are too
@@ -12,10 +13,12 @@
 //! layer's activations (`pool none`), the head is the trained top.
 
 pub mod cache;
+pub mod lite;
 pub mod top;
 pub mod train;
 
 use crate::backbone::{Backbone, BackboneKind};
+use crate::backbones::efficientnet_lite::{HEAD, LITE0, LITE2, LiteLayer, LiteSpec};
 use crate::featurize::{self, Outcome};
 use crate::inception_v3::Layer;
 use crate::inputs::Input;
@@ -29,12 +32,16 @@ pub use train::{EpochReport, FineTuneParams, StepReport, TrainReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FineTuneError {
+    #[error("--from-layer {layer}: not a fine-tuning cut point of {network} (cut points: {})", points.join(", "))]
+    NotACutPoint {
+        layer: String,
+        network: String,
+        points: Vec<String>,
+    },
     #[error(
-        "--from-layer {layer}: not a fine-tuning cut point of inception_v3 (cut points: {})",
-        CUT_POINTS.join(", ")
+        "--backbone {0}: fine-tuning supports inception_v3, efficientnet_lite0 and \
+         efficientnet_lite2"
     )]
-    NotACutPoint { layer: String },
-    #[error("--backbone {0}: fine-tuning supports inception_v3 only")]
     Backbone(String),
     #[error("{path}: activation cache: {message}")]
     Cache { path: PathBuf, message: String },
@@ -46,27 +53,109 @@ pub enum FineTuneError {
     Interrupted,
 }
 
-/// Layers of InceptionV3 the trainable top can start above.
-pub const CUT_POINTS: [&str; 2] = ["mixed_6e", "mixed_7a"];
-
-/// The default cut: train Mixed_7a..7c (the issue's reference trained the last third).
-pub const DEFAULT_CUT: &str = "mixed_6e";
-
-/// The cut layer named `name` for `kind`.
-pub fn cut_layer(kind: BackboneKind, name: &str) -> Result<Layer, FineTuneError> {
-    if kind.name() != "inception_v3" {
-        return Err(FineTuneError::Backbone(kind.name().to_string()));
-    }
-    cut_point(name)
+/// Where a network is cut: the frozen part ends at this layer, the trainable top starts above.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cut {
+    /// InceptionV3 at `mixed_6e` (Mixed_7a..7c train) or `mixed_7a` (7b, 7c).
+    Inception(Layer),
+    /// EfficientNet-Lite at the end of stage `stage` (0..7): the later blocks and the head
+    /// convolution train.
+    Lite {
+        spec: &'static LiteSpec,
+        stage: usize,
+    },
 }
 
-/// The InceptionV3 layer named `name`, if the trainable top can start above it.
-pub fn cut_point(name: &str) -> Result<Layer, FineTuneError> {
-    match name.parse::<Layer>() {
-        Ok(layer @ (Layer::Mixed6e | Layer::Mixed7a)) => Ok(layer),
-        _ => Err(FineTuneError::NotACutPoint {
-            layer: name.to_string(),
-        }),
+impl Cut {
+    /// The layer's name, as `--from-layer` and `--layer` take it.
+    pub fn layer(&self) -> String {
+        match self {
+            Cut::Inception(l) => l.name().to_string(),
+            Cut::Lite { spec, stage } => format!("block{}", spec.stage_ends()[*stage]),
+        }
+    }
+
+    /// `[C, H, W]` of the cached activations.
+    pub fn shape(&self) -> [usize; 3] {
+        match self {
+            Cut::Inception(l) => l.shape(),
+            Cut::Lite { spec, stage } => spec.layer_shape(LiteLayer::Stage(*stage)),
+        }
+    }
+
+    /// Width of the pooled features the new classifier reads.
+    pub fn pooled(&self) -> usize {
+        match self {
+            Cut::Inception(_) => top::INCEPTION_POOLED,
+            Cut::Lite { .. } => HEAD,
+        }
+    }
+
+    /// The last frozen block of an EfficientNet-Lite cut.
+    pub fn lite_block(&self) -> Option<usize> {
+        match self {
+            Cut::Lite { spec, stage } => Some(spec.stage_ends()[*stage]),
+            Cut::Inception(_) => None,
+        }
+    }
+}
+
+/// The EfficientNet-Lite size of a backbone name (`efficientnet_lite2`), if it is one.
+pub fn lite_spec(network: &str) -> Option<&'static LiteSpec> {
+    [&LITE0, &LITE2].into_iter().find(|s| s.name == network)
+}
+
+/// The layers `network` can be cut at, first to last.
+pub fn cut_points(network: &str) -> Result<Vec<String>, FineTuneError> {
+    if network == "inception_v3" {
+        return Ok(vec!["mixed_6e".into(), "mixed_7a".into()]);
+    }
+    let spec = lite_spec(network).ok_or_else(|| FineTuneError::Backbone(network.to_string()))?;
+    Ok(spec
+        .stage_ends()
+        .iter()
+        .map(|b| format!("block{b}"))
+        .collect())
+}
+
+/// The default cut of `network`: about the last third of the network trains. InceptionV3:
+/// Mixed_7a..7c. EfficientNet-Lite2: blocks 15-20 and the head (the issue's PyTorch
+/// reference, 0.93 on the flowers); Lite0: its stage 5 and 6 alike (blocks 11-15).
+pub fn default_cut(network: &str) -> Result<&'static str, FineTuneError> {
+    match network {
+        "inception_v3" => Ok("mixed_6e"),
+        "efficientnet_lite2" => Ok("block14"),
+        "efficientnet_lite0" => Ok("block10"),
+        other => Err(FineTuneError::Backbone(other.to_string())),
+    }
+}
+
+/// The cut at layer `name` of `kind`.
+pub fn cut_layer(kind: BackboneKind, name: &str) -> Result<Cut, FineTuneError> {
+    cut_of(kind.name(), name)
+}
+
+/// The cut at layer `name` of the network called `network` (`inception_v3`,
+/// `efficientnet_lite2`).
+pub fn cut_of(network: &str, name: &str) -> Result<Cut, FineTuneError> {
+    let points = cut_points(network)?;
+    let not_a_cut = || FineTuneError::NotACutPoint {
+        layer: name.to_string(),
+        network: network.to_string(),
+        points: points.clone(),
+    };
+    match lite_spec(network) {
+        None => match name.parse::<Layer>() {
+            Ok(layer @ (Layer::Mixed6e | Layer::Mixed7a)) => Ok(Cut::Inception(layer)),
+            _ => Err(not_a_cut()),
+        },
+        Some(spec) => {
+            let stage = points
+                .iter()
+                .position(|p| p == name)
+                .ok_or_else(not_a_cut)?;
+            Ok(Cut::Lite { spec, stage })
+        }
     }
 }
 

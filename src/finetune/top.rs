@@ -1,58 +1,114 @@
 //! The trainable part of a fine-tuned network: the pretrained blocks above the cut layer and a
 //! new linear classifier on their average pool.
 
-use super::FineTuneError;
-use crate::inception_v3::{self, BlockVariant, InceptionTop, InceptionV3Config, Layer};
+use super::lite::LiteTop;
+use super::{Cut, FineTuneError};
+use crate::backbones::efficientnet_lite::FoldedLite;
+use crate::inception_v3::{self, BlockVariant, InceptionTop, InceptionV3Config};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
-/// Blocks above the cut (BatchNorm folded into the convolutions: held in inference mode) +
-/// dropout + a new classifier on the 2048-d average pool.
+/// The pretrained blocks above the cut, BatchNorm folded into the convolutions (held in
+/// inference mode).
+// One per process, moved once per optimizer step: boxing the larger variant would save nothing
+// worth the indirection (and the Module derive takes the modules by value).
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Top {
+    Inception(InceptionTop),
+    Lite(LiteTop),
+}
+
+impl Top {
+    /// Cut-layer activations `[N, C, H, W]` -> the last feature map.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Top::Inception(t) => t.forward(x),
+            Top::Lite(t) => t.forward(x),
+        }
+    }
+}
+
+/// The trainable blocks + dropout + a new classifier on the average pool.
 #[derive(Module, Debug)]
 pub struct FineTunedNet {
-    pub top: InceptionTop,
+    pub top: Top,
     pub classifier: Linear,
 }
 
-/// Width of the pooled features the classifier reads (InceptionV3's mixed_7c).
-pub const POOLED: usize = 2048;
+/// Width of the pooled features InceptionV3's classifier reads (mixed_7c).
+pub const INCEPTION_POOLED: usize = 2048;
+
+/// The pretrained weights of the part that trains.
+pub enum Pretrained {
+    Inception(Box<inception_v3::InceptionV3>),
+    Lite(Box<FoldedLite>),
+}
 
 impl FineTunedNet {
-    /// The pretrained blocks above `cut` of a loaded (BatchNorm-folded) network, and a zero
-    /// classifier for `classes` classes: zero logits give every class the same probability and
-    /// the same gradient, so training starts from the pretrained features unchanged and the
-    /// result does not depend on a random initialisation.
+    /// The pretrained blocks above `cut` and a zero classifier for `classes` classes: zero
+    /// logits give every class the same probability and the same gradient, so training starts
+    /// from the pretrained features unchanged and the result does not depend on a random
+    /// initialisation.
     pub fn from_pretrained(
-        model: inception_v3::InceptionV3,
-        cut: Layer,
+        weights: Pretrained,
+        cut: Cut,
         classes: usize,
         device: &Device,
     ) -> Result<Self, FineTuneError> {
-        let top = model
-            .into_top(cut)
-            .ok_or_else(|| FineTuneError::NotACutPoint {
-                layer: cut.name().to_string(),
-            })?;
+        let not_a_cut = || FineTuneError::Params(format!("{cut:?} does not fit these weights"));
+        let top = match (weights, cut) {
+            (Pretrained::Inception(model), Cut::Inception(layer)) => {
+                Top::Inception((*model).into_top(layer).ok_or_else(not_a_cut)?)
+            }
+            (Pretrained::Lite(folded), Cut::Lite { spec, .. }) if folded.spec == spec => {
+                let block = cut.lite_block().expect("a Lite cut");
+                Top::Lite(LiteTop::from_folded(&folded, block, device))
+            }
+            _ => return Err(not_a_cut()),
+        };
         Ok(Self {
             top,
-            classifier: LinearConfig::new(POOLED, classes)
+            classifier: LinearConfig::new(cut.pooled(), classes)
                 .with_initializer(Initializer::Zeros)
                 .init(device),
         })
     }
 
-    /// The architecture alone (weights to be loaded from a model file).
+    /// The architecture alone (weights to be loaded from a model file); `variant` is
+    /// InceptionV3's block layout.
     pub fn architecture(
-        variant: BlockVariant,
-        cut: Layer,
+        cut: Cut,
+        variant: Option<BlockVariant>,
         classes: usize,
         device: &Device,
     ) -> Result<Self, FineTuneError> {
-        let mut model = InceptionV3Config::new(variant).init(device);
-        // Folding turns each BatchNorm into the convolution's bias: the layout the file stores.
-        model.fold_batchnorm();
-        Self::from_pretrained(model, cut, classes, device)
+        let weights = match cut {
+            Cut::Inception(_) => {
+                let variant = variant.ok_or_else(|| {
+                    FineTuneError::Params("an InceptionV3 top needs its block variant".into())
+                })?;
+                let mut model = InceptionV3Config::new(variant).init(device);
+                // Folding turns each BatchNorm into the convolution's bias: the layout the file
+                // stores.
+                model.fold_batchnorm();
+                Pretrained::Inception(Box::new(model))
+            }
+            Cut::Lite { spec, stage } => {
+                let block = spec.stage_ends()[stage];
+                return Ok(Self {
+                    top: Top::Lite(LiteTop::architecture(spec, block, device)),
+                    classifier: LinearConfig::new(cut.pooled(), classes).init(device),
+                });
+            }
+        };
+        Self::from_pretrained(weights, cut, classes, device)
+    }
+
+    /// Width of the pooled features the classifier reads.
+    pub fn pooled(&self) -> usize {
+        self.classifier.weight.dims()[0]
     }
 
     /// Logits for a batch of cut-layer activations `[N, C, H, W]`. `keep` is the dropout mask
@@ -81,7 +137,7 @@ impl FineTunedNet {
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         use burn::store::ModuleSnapshot;
         let mut out: Vec<_> = self
-            .collect(None, None, true)
+            .collect(None, None, false)
             .into_iter()
             .map(|t| {
                 let bytes = t.to_bytes().expect("module tensors are readable");
@@ -126,8 +182,9 @@ impl FineTunedNet {
 #[derive(Debug, Clone)]
 pub struct FineTuned {
     pub net: FineTunedNet,
-    pub variant: BlockVariant,
-    pub cut: Layer,
+    pub cut: Cut,
+    /// InceptionV3's block layout; `None` for other networks.
+    pub variant: Option<BlockVariant>,
     pub report: super::TrainReport,
 }
 

@@ -4,7 +4,7 @@
 
 use super::FineTuneError;
 use super::cache::{ActivationCache, VIEWS};
-use super::top::{FineTunedNet, POOLED};
+use super::top::FineTunedNet;
 use crate::split::SplitMix64;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
@@ -177,6 +177,7 @@ pub fn train(
     let mut rng = SplitMix64::new(params.seed ^ 0x6669_6e65_7475_6e65);
     let dim: usize = shape.iter().product();
     let keep_scale = 1.0 / (1.0 - params.dropout);
+    let pooled = net.pooled();
 
     let mut report = TrainReport {
         train_images: train_images.len(),
@@ -207,7 +208,7 @@ pub fn train(
             let [c, h, w] = shape;
             let input = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, c, h, w]), &ad);
             let keep = (params.dropout > 0.0).then(|| {
-                let mask: Vec<f32> = (0..b * POOLED)
+                let mask: Vec<f32> = (0..b * pooled)
                     .map(|_| {
                         if rng.next_f64() < params.dropout {
                             0.0
@@ -216,7 +217,7 @@ pub fn train(
                         }
                     })
                     .collect();
-                Tensor::<2>::from_data(TensorData::new(mask, [b, POOLED]), &ad)
+                Tensor::<2>::from_data(TensorData::new(mask, [b, pooled]), &ad)
             });
             let target = Tensor::<2>::from_data(TensorData::new(onehot, [b, classes]), &ad);
             let loss = (log_softmax(net.forward(input, keep), 1) * target)
