@@ -276,3 +276,54 @@ pub fn fill(
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]
 struct Stopped;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_points_default_cuts_and_shapes_follow_the_network() {
+        assert_eq!(default_cut("efficientnet_lite2").unwrap(), "block14");
+        let cut = cut_of("efficientnet_lite2", "block14").unwrap();
+        assert_eq!(
+            cut,
+            Cut::Lite {
+                spec: &LITE2,
+                stage: 4
+            }
+        );
+        assert_eq!(cut.shape(), [120, 17, 17]);
+        assert_eq!(cut.lite_block(), Some(14));
+        assert_eq!(cut.pooled(), 1280);
+        let cut = cut_of(
+            "efficientnet_lite0",
+            default_cut("efficientnet_lite0").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (cut.layer(), cut.shape()),
+            ("block10".to_string(), [112, 14, 14])
+        );
+        let cut = cut_of("inception_v3", "mixed_7a").unwrap();
+        assert_eq!(
+            (cut.shape(), cut.pooled(), cut.lite_block()),
+            ([1280, 8, 8], 2048, None)
+        );
+        // A layer of the network that is not a stage end, and another network's layer.
+        for (network, layer) in [
+            ("efficientnet_lite2", "block13"),
+            ("efficientnet_lite2", "head"),
+            ("inception_v3", "block14"),
+        ] {
+            let err = cut_of(network, layer).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("not a fine-tuning cut point of {network}")),
+                "{err}"
+            );
+        }
+        assert!(matches!(
+            cut_of("mobilenet_v1", "conv_pw_13_relu"),
+            Err(FineTuneError::Backbone(_))
+        ));
+    }
+}
