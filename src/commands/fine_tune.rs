@@ -48,9 +48,10 @@ pub struct Args {
     #[arg(long, value_name = "LAYER")]
     pub from_layer: Option<String>,
 
-    /// Most epochs (early stopping may end sooner).
-    #[arg(long, default_value_t = FineTuneParams::default().epochs)]
-    pub epochs: usize,
+    /// Most epochs (early stopping may end sooner) [default: 3 for EfficientNet-Lite, 8 for
+    /// InceptionV3].
+    #[arg(long)]
+    pub epochs: Option<usize>,
 
     /// Seed of the validation split, shuffling and dropout: the same seed, images and thread
     /// count give the same model.
@@ -104,7 +105,8 @@ pub struct Args {
 impl Args {
     fn params(&self) -> FineTuneParams {
         FineTuneParams {
-            epochs: self.epochs,
+            // Checked against the network once it is known.
+            epochs: self.epochs.unwrap_or(FineTuneParams::default().epochs),
             batch_size: self.train_batch,
             lr: self.lr,
             head_lr: self.head_lr,
@@ -177,6 +179,10 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     };
     let cut = finetune::cut_layer(kind, &layer)?;
     opts.layer = Some(cut.layer());
+    let params = FineTuneParams {
+        epochs: args.epochs.unwrap_or_else(|| finetune::default_epochs(cut)),
+        ..params
+    };
     let device = super::open_device(args.run.device, args.quiet)?;
     let backbone = Backbone::load_file(&weights_path, kind, &opts, device.clone())?;
     let shape = cut.shape();
