@@ -81,7 +81,7 @@ impl std::str::FromStr for Tta {
 }
 
 /// Reverses every run of `width` floats: mirrors CHW (or NCHW) data left-right.
-fn mirror_rows(data: &mut [f32], width: usize) {
+pub fn mirror_rows(data: &mut [f32], width: usize) {
     data.chunks_exact_mut(width).for_each(<[f32]>::reverse);
 }
 
@@ -135,13 +135,19 @@ impl Backbone {
     /// Finds the weights (`--weights`, `$DLTOOL_WEIGHTS`, `assets/weights/`, the cache) and
     /// loads them.
     pub fn load(opts: &BackboneOptions, device: Device) -> anyhow::Result<Self> {
+        let (path, kind) = Self::resolve(opts)?;
+        Self::load_file(&path, kind, opts, device)
+    }
+
+    /// The weight file `opts` names (or the default one) and the network it is for, without
+    /// loading it: a command whose layer depends on the network asks this first.
+    pub fn resolve(opts: &BackboneOptions) -> anyhow::Result<(PathBuf, BackboneKind)> {
         let onnx = &crate::backbones::onnx::SPEC;
         // `--weights NAME` of a model imported with `dltool weights import MODEL.onnx`.
         if let Some(w) = opts.weights.as_deref().filter(|w| !w.exists())
             && let Some(found) = w.to_str().and_then(crate::backbones::onnx::find_by_name)
         {
-            let kind = opts.kind.unwrap_or(BackboneKind(onnx));
-            return Self::load_file(&found, kind, opts, device);
+            return Ok((found, opts.kind.unwrap_or(BackboneKind(onnx))));
         }
         if opts.weights.is_none() && opts.kind.is_some_and(|k| std::ptr::eq(k.spec(), onnx)) {
             anyhow::bail!(
@@ -163,7 +169,7 @@ impl Backbone {
             None if opts.weights.is_some() => BackboneKind::of_weights(&path),
             None => BackboneKind(wanted),
         };
-        Self::load_file(&path, kind, opts, device)
+        Ok((path, kind))
     }
 
     pub fn load_file(

@@ -16,6 +16,8 @@ use std::io::Write;
 use std::path::Path;
 
 const FORMAT: &str = "dltool-head";
+/// The `head` metadata of a fine-tuned model.
+const FINE_TUNED: &str = "fine-tuned";
 /// Bumped whenever the file layout changes.
 pub const FORMAT_VERSION: &str = "1";
 
@@ -30,6 +32,12 @@ pub enum HeadModel {
         model: MlpModel,
         params: MlpParams,
     },
+    /// The top of the network itself, trained by `fine-tune`: its features are the cut layer's
+    /// activations (`pool none`).
+    FineTuned {
+        model: Box<crate::finetune::top::FineTuned>,
+        params: crate::finetune::FineTuneParams,
+    },
 }
 
 impl HeadModel {
@@ -37,6 +45,7 @@ impl HeadModel {
         match self {
             HeadModel::Logistic { .. } => "logistic",
             HeadModel::Mlp { .. } => "mlp",
+            HeadModel::FineTuned { .. } => FINE_TUNED,
         }
     }
 
@@ -49,6 +58,7 @@ impl HeadModel {
                 .flat_map(|row| model.predict_proba(row))
                 .collect(),
             HeadModel::Mlp { model, .. } => model.predict_proba(x, n),
+            HeadModel::FineTuned { model, .. } => model.predict_proba(x, n),
         }
     }
 }
@@ -230,6 +240,12 @@ impl Head {
                 }
                 serde_json::to_string(params).map_err(|e| err(e.to_string()))?
             }
+            HeadModel::FineTuned { model, params } => {
+                for (name, shape, values) in model.net.tensors() {
+                    tensors.push((name, Dtype::F32, shape, f32_bytes(&values)));
+                }
+                serde_json::to_string(params).map_err(|e| err(e.to_string()))?
+            }
         };
 
         let mut meta: BTreeMap<String, String> = self.provenance.to_map();
@@ -254,6 +270,12 @@ impl Head {
         );
         if let Some(p) = &self.preprocess {
             meta.insert("preprocess".into(), preprocess_json(p));
+        }
+        if let HeadModel::FineTuned { model, .. } = &self.model {
+            meta.insert(
+                "fine_tune".into(),
+                serde_json::to_string(&model.report).map_err(|e| err(e.to_string()))?,
+            );
         }
 
         let bytes = serialize_sorted(&tensors, &meta);
@@ -372,6 +394,16 @@ impl Head {
                 model.validate().map_err(|e| err(&e))?;
                 HeadModel::Mlp { model, params }
             }
+            FINE_TUNED => {
+                let params: crate::finetune::FineTuneParams = serde_json::from_str(params)
+                    .map_err(|e| err(&format!("bad 'params' metadata: {e}")))?;
+                let model = load_fine_tuned(&provenance, feature_dim, k, &meta, bytes.clone())
+                    .map_err(|e| err(&e))?;
+                HeadModel::FineTuned {
+                    model: Box::new(model),
+                    params,
+                }
+            }
             other => return Err(err(&format!("unknown head type '{other}'"))),
         };
         Ok(Head {
@@ -416,6 +448,73 @@ impl Head {
     }
 }
 
+/// The backbone a head was trained on, loaded from `weights` (or found as featurize finds it)
+/// and checked against the network, weights SHA-256 and layout the head records.
+pub fn open_backbone(
+    head: &Head,
+    head_path: &Path,
+    weights: Option<&Path>,
+    device: burn::prelude::Device,
+) -> anyhow::Result<crate::backbone::Backbone> {
+    use crate::backbone::{Backbone, BackboneKind, BackboneOptions};
+    let shown = head_path.display();
+    let p = &head.provenance;
+    let kind = BackboneKind::of_provenance(&p.backbone).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{shown}: made for backbone '{}', which this dltool does not have",
+            p.backbone
+        )
+    })?;
+    if let Some(w) = weights.filter(|w| w.exists()) {
+        let given = BackboneKind::of_weights(w);
+        if given.name() != kind.name() {
+            anyhow::bail!(
+                "{shown}: the head was trained on {} features, but {} holds {} weights",
+                p.backbone,
+                w.display(),
+                given.name()
+            );
+        }
+    }
+    let opts = BackboneOptions {
+        kind: Some(kind),
+        weights: weights.map(Path::to_path_buf),
+        variant: None,
+        layer: Some(p.layer.clone()),
+        pool: p
+            .pool
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?,
+        tta: p.tta.parse().map_err(|e| anyhow::anyhow!("{shown}: {e}"))?,
+    };
+    let backbone = Backbone::load(&opts, device)?;
+    let loaded = &backbone.meta;
+    let w = backbone.weights_path.display();
+    if !p.backbone.is_empty() && p.backbone != loaded.backbone {
+        anyhow::bail!(
+            "{shown}: the head was trained on {} features, but {w} is {}",
+            p.backbone,
+            loaded.backbone
+        );
+    }
+    if !p.weights_sha256.is_empty() && p.weights_sha256 != loaded.weights_sha256 {
+        anyhow::bail!(
+            "{shown}: the head was trained on features of weights with SHA-256 {}, but {w} has \
+             {}: pass the same weights with --weights",
+            p.weights_sha256,
+            loaded.weights_sha256
+        );
+    }
+    if backbone.dim() != head.feature_dim {
+        anyhow::bail!(
+            "{shown}: the head expects {} features, the backbone gives {}",
+            head.feature_dim,
+            backbone.dim()
+        );
+    }
+    Ok(backbone)
+}
+
 /// Heads are refused across minor versions (0.x) or major versions: the features they expect
 /// may be computed differently.
 pub fn check_version_compatible(made_by: &str) -> Result<(), String> {
@@ -444,6 +543,54 @@ pub fn check_version_compatible(made_by: &str) -> Result<(), String> {
              version"
         ))
     }
+}
+
+/// The trained top of a `fine-tuned` head file, built for the network and cut layer its
+/// provenance names (so a file for another network is refused here, by name).
+fn load_fine_tuned(
+    provenance: &FeatureMeta,
+    feature_dim: usize,
+    classes: usize,
+    meta: &std::collections::HashMap<String, String>,
+    bytes: Vec<u8>,
+) -> Result<crate::finetune::top::FineTuned, String> {
+    use crate::inception_v3::BlockVariant;
+    let (network, variant) = provenance
+        .backbone
+        .split_once('/')
+        .unwrap_or((provenance.backbone.as_str(), ""));
+    let cut = crate::finetune::cut_of(network, &provenance.layer).map_err(|e| match e {
+        crate::finetune::FineTuneError::Backbone(_) => format!(
+            "fine-tuned for backbone '{}', which this dltool cannot fine-tune",
+            provenance.backbone
+        ),
+        other => other.to_string(),
+    })?;
+    let variant: Option<BlockVariant> = match cut {
+        crate::finetune::Cut::Inception(_) => Some(variant.parse()?),
+        crate::finetune::Cut::Lite { .. } => None,
+    };
+    if provenance.pool != "none" || feature_dim != cut.shape().iter().product::<usize>() {
+        return Err(format!(
+            "a fine-tuned model reads whole {} activations, not {feature_dim} '{}'-pooled features",
+            cut.layer(),
+            provenance.pool
+        ));
+    }
+    let report = meta
+        .get("fine_tune")
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    let device = burn::prelude::Device::flex();
+    let mut net = crate::finetune::FineTunedNet::architecture(cut, variant, classes, &device)
+        .map_err(|e| e.to_string())?;
+    net.load_bytes(bytes)?;
+    Ok(crate::finetune::top::FineTuned {
+        net,
+        cut,
+        variant,
+        report,
+    })
 }
 
 fn preprocess_json(p: &Preprocess) -> String {

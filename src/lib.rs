@@ -44,6 +44,7 @@ pub mod engine;
 pub mod feature_parquet;
 pub mod features;
 pub mod featurize;
+pub mod finetune;
 pub mod head;
 pub mod image_io;
 pub mod info;

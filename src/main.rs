@@ -24,6 +24,8 @@ enum Command {
     Split(commands::split::Args),
     /// Train a logistic-regression or MLP head on feature rows.
     TrainHead(commands::train_head::Args),
+    /// Train the top of the network and a new classifier on labelled images.
+    FineTune(commands::fine_tune::Args),
     /// Cross-validated grid search over a head's hyper-parameters, in parallel.
     Tune(commands::tune::Args),
     /// Measure a head on labelled features: accuracy, F1, log loss, confusion matrix.
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Featurize(args) => commands::featurize::run(args),
         Command::Split(args) => commands::split::run(args),
         Command::TrainHead(args) => commands::train_head::run(args),
+        Command::FineTune(args) => commands::fine_tune::run(args),
         Command::Tune(args) => commands::tune::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),

@@ -439,10 +439,151 @@ impl Tensors {
         bn: &str,
         cin: usize,
         cout: usize,
-        e: Epilogue,
-    ) -> Result<Conv, LoadError> {
-        let (w, b) = self.conv_bn(conv, bn, [cout, cin, 1, 1])?;
-        Ok(Conv::new(&w, &b, [cout, cin, 1, 1], [1, 1], [0, 0]).with_epilogue(e))
+    ) -> Result<FoldedConv, LoadError> {
+        self.folded(conv, bn, [cout, cin, 1, 1])
+    }
+
+    fn folded(&mut self, conv: &str, bn: &str, shape: [usize; 4]) -> Result<FoldedConv, LoadError> {
+        let (weight, bias) = self.conv_bn(conv, bn, shape)?;
+        Ok(FoldedConv {
+            weight,
+            bias,
+            shape,
+        })
+    }
+}
+
+/// A convolution with BatchNorm folded in, in PyTorch's layout: `weight` is
+/// `[cout][cin / groups][k][k]`.
+#[derive(Debug, Clone)]
+pub struct FoldedConv {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub shape: [usize; 4],
+}
+
+impl FoldedConv {
+    /// The engine's 1x1 convolution.
+    fn pointwise(&self, e: Epilogue) -> Conv {
+        Conv::new(&self.weight, &self.bias, self.shape, [1, 1], [0, 0]).with_epilogue(e)
+    }
+}
+
+/// One MBConv block's folded weights: what the engine packs and what fine-tuning trains.
+#[derive(Debug, Clone)]
+pub struct FoldedBlock {
+    pub layout: BlockLayout,
+    /// Absent when the expand ratio is 1.
+    pub expand: Option<FoldedConv>,
+    pub depthwise: FoldedConv,
+    pub project: FoldedConv,
+}
+
+impl FoldedBlock {
+    fn load(t: &mut Tensors, i: usize, b: &BlockLayout) -> Result<Self, LoadError> {
+        let p = format!("_blocks.{i}");
+        let expand = if b.mid != b.cin {
+            Some(t.pointwise(
+                &format!("{p}._expand_conv"),
+                &format!("{p}._bn0"),
+                b.cin,
+                b.mid,
+            )?)
+        } else {
+            None
+        };
+        let depthwise = t.folded(
+            &format!("{p}._depthwise_conv"),
+            &format!("{p}._bn1"),
+            [b.mid, 1, b.kernel, b.kernel],
+        )?;
+        let project = t.pointwise(
+            &format!("{p}._project_conv"),
+            &format!("{p}._bn2"),
+            b.mid,
+            b.cout,
+        )?;
+        Ok(Self {
+            layout: *b,
+            expand,
+            depthwise,
+            project,
+        })
+    }
+}
+
+/// Every weight of an EfficientNet-Lite file, BatchNorm folded, checked against its layout:
+/// the engine packs it ([`EfficientNetLite::from_folded`]), fine-tuning trains part of it.
+#[derive(Debug, Clone)]
+pub struct FoldedLite {
+    pub spec: &'static LiteSpec,
+    pub stem: FoldedConv,
+    pub blocks: Vec<FoldedBlock>,
+    /// The 1x1 head convolution (ReLU6 after it).
+    pub head: FoldedConv,
+    /// The ImageNet classifier (`[1000][1280]` weights, 1000 biases), when the file has one.
+    pub fc: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl FoldedLite {
+    /// Reads a `.pth` state dict (zip or legacy pickle) or a safetensors file with the
+    /// lukemelas-style names (`_conv_stem.weight`, `_blocks.N._depthwise_conv.weight`, ...).
+    /// The size is recognised from the file; `expected` (a [`LiteSpec::name`]) makes any
+    /// other size an error.
+    pub fn load(path: &Path, expected: Option<&str>) -> Result<Self, LoadError> {
+        let shown = path.display().to_string();
+        let map = read_tensors(path)?;
+        let spec = identify(&map).map_err(|found| LoadError::WrongNetwork {
+            path: shown.clone(),
+            expected: expected
+                .unwrap_or("EfficientNet-Lite0 or -Lite2")
+                .to_string(),
+            found,
+        })?;
+        if let Some(want) = expected.filter(|w| *w != spec.name) {
+            return Err(LoadError::WrongNetwork {
+                path: shown,
+                expected: want.to_string(),
+                found: format!("{} weights", spec.name),
+            });
+        }
+        let mut t = Tensors { path: shown, map };
+        let stem = t.folded("_conv_stem", "_bn0", [STEM, 3, 3, 3])?;
+        let layout = spec.blocks();
+        let blocks = layout
+            .iter()
+            .enumerate()
+            .map(|(i, b)| FoldedBlock::load(&mut t, i, b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let last = layout.last().expect("blocks").cout;
+        let head = t.pointwise("_conv_head", "_bn1", last, HEAD)?;
+        let fc = if t.map.contains_key("_fc.weight") {
+            let w = t.take("_fc.weight", &[1000, HEAD])?;
+            let b = t.take("_fc.bias", &[1000])?;
+            Some((w, b))
+        } else {
+            None
+        };
+        let mut unexpected: Vec<String> = t
+            .map
+            .into_keys()
+            .filter(|n| !n.ends_with(".num_batches_tracked"))
+            .collect();
+        if !unexpected.is_empty() {
+            unexpected.truncate(10);
+            return Err(LoadError::Unexpected {
+                path: t.path,
+                network: spec.name,
+                names: unexpected,
+            });
+        }
+        Ok(Self {
+            spec,
+            stem,
+            blocks,
+            head,
+            fc,
+        })
     }
 }
 
@@ -455,39 +596,22 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn load(t: &mut Tensors, i: usize, b: &BlockLayout) -> Result<Self, LoadError> {
-        let p = format!("_blocks.{i}");
-        let expand = if b.mid != b.cin {
-            Some(t.pointwise(
-                &format!("{p}._expand_conv"),
-                &format!("{p}._bn0"),
-                b.cin,
+    fn new(f: &FoldedBlock) -> Self {
+        let b = &f.layout;
+        let d = &f.depthwise;
+        Self {
+            expand: f.expand.as_ref().map(|e| e.pointwise(Epilogue::BiasRelu6)),
+            depthwise: DepthwiseConv::new(
+                &d.weight,
+                &d.bias,
                 b.mid,
+                b.kernel,
+                b.stride,
                 Epilogue::BiasRelu6,
-            )?)
-        } else {
-            None
-        };
-        let (w, bias) = t.conv_bn(
-            &format!("{p}._depthwise_conv"),
-            &format!("{p}._bn1"),
-            [b.mid, 1, b.kernel, b.kernel],
-        )?;
-        let depthwise =
-            DepthwiseConv::new(&w, &bias, b.mid, b.kernel, b.stride, Epilogue::BiasRelu6);
-        let project = t.pointwise(
-            &format!("{p}._project_conv"),
-            &format!("{p}._bn2"),
-            b.mid,
-            b.cout,
-            Epilogue::Bias,
-        )?;
-        Ok(Self {
-            expand,
-            depthwise,
-            project,
+            ),
+            project: f.project.pointwise(Epilogue::Bias),
             residual: b.residual(),
-        })
+        }
     }
 
     fn forward(&self, x: &Act) -> Act {
@@ -534,64 +658,24 @@ impl EfficientNetLite {
     /// The size is recognised from the file; `expected` (a [`LiteSpec::name`]) makes any
     /// other size an error.
     pub fn load(path: &Path, expected: Option<&str>) -> Result<Self, LoadError> {
-        let shown = path.display().to_string();
-        let map = read_tensors(path)?;
-        let spec = identify(&map).map_err(|found| LoadError::WrongNetwork {
-            path: shown.clone(),
-            expected: expected
-                .unwrap_or("EfficientNet-Lite0 or -Lite2")
-                .to_string(),
-            found,
-        })?;
-        if let Some(want) = expected.filter(|w| *w != spec.name) {
-            return Err(LoadError::WrongNetwork {
-                path: shown,
-                expected: want.to_string(),
-                found: format!("{} weights", spec.name),
-            });
-        }
-        let mut t = Tensors { path: shown, map };
-        let (w, b) = t.conv_bn("_conv_stem", "_bn0", [STEM, 3, 3, 3])?;
-        let stem = Conv::new(&w, &b, [STEM, 3, 3, 3], [2, 2], [0, 0])
+        Ok(Self::from_folded(&FoldedLite::load(path, expected)?))
+    }
+
+    /// The engine's network from folded weights.
+    pub fn from_folded(f: &FoldedLite) -> Self {
+        let stem = Conv::new(&f.stem.weight, &f.stem.bias, f.stem.shape, [2, 2], [0, 0])
             .with_tf_same()
             .with_epilogue(Epilogue::BiasRelu6);
-        let layout = spec.blocks();
-        let blocks = layout
-            .iter()
-            .enumerate()
-            .map(|(i, b)| MbConv::load(&mut t, i, b))
-            .collect::<Result<Vec<_>, _>>()?;
-        let last = layout.last().expect("blocks").cout;
-        let head = t.pointwise("_conv_head", "_bn1", last, HEAD, Epilogue::BiasRelu6)?;
-        let fc = if t.map.contains_key("_fc.weight") {
-            let w = t.take("_fc.weight", &[1000, HEAD])?;
-            let b = t.take("_fc.bias", &[1000])?;
-            Some(
-                Conv::new(&w, &b, [1000, HEAD, 1, 1], [1, 1], [0, 0]).with_epilogue(Epilogue::Bias),
-            )
-        } else {
-            None
-        };
-        let mut unexpected: Vec<String> = t
-            .map
-            .into_keys()
-            .filter(|n| !n.ends_with(".num_batches_tracked"))
-            .collect();
-        if !unexpected.is_empty() {
-            unexpected.truncate(10);
-            return Err(LoadError::Unexpected {
-                path: t.path,
-                network: spec.name,
-                names: unexpected,
-            });
-        }
-        Ok(Self {
-            spec,
+        let fc = f.fc.as_ref().map(|(w, b)| {
+            Conv::new(w, b, [1000, HEAD, 1, 1], [1, 1], [0, 0]).with_epilogue(Epilogue::Bias)
+        });
+        Self {
+            spec: f.spec,
             stem,
-            blocks,
-            head,
+            blocks: f.blocks.iter().map(MbConv::new).collect(),
+            head: f.head.pointwise(Epilogue::BiasRelu6),
             fc,
-        })
+        }
     }
 
     /// Whether the file carried the 1000-class ImageNet classifier (`_fc`).

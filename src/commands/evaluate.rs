@@ -17,9 +17,18 @@ pub struct Args {
     #[arg(value_name = "HEAD")]
     pub head: PathBuf,
 
-    /// Labelled features (CSV or safetensors) made like the head's training features.
-    #[arg(value_name = "FEATURES")]
+    /// Labelled features (CSV or safetensors) made like the head's training features, or a
+    /// folder of labelled images (one subfolder per class) to run through the head's network.
+    #[arg(value_name = "FEATURES|DIR")]
     pub features: PathBuf,
+
+    /// With a folder of images: the backbone's weight file [default: as featurize finds it];
+    /// must be the head's.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub run: super::NetworkArgs,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -30,10 +39,57 @@ pub struct Args {
     pub errors: usize,
 }
 
+/// Paths, labels and the head's class probabilities (row-major) of a folder of images.
+fn predict_folder(
+    args: &Args,
+    head: &Head,
+) -> anyhow::Result<(Vec<String>, Vec<String>, Vec<f64>)> {
+    super::set_threads(args.run.threads);
+    let list = crate::inputs::collect(
+        &[args.features.display().to_string()],
+        &mut std::io::empty(),
+    )?;
+    for skip in &list.skipped {
+        crate::note!("skipped {}: {}", skip.display, skip.reason);
+    }
+    let device = super::open_device(args.run.device, true)?;
+    let backbone = crate::head::open_backbone(head, &args.head, args.weights.as_deref(), device)?;
+    let (mut paths, mut labels, mut probs) = (Vec::new(), Vec::new(), Vec::new());
+    crate::featurize::run(
+        &backbone,
+        &list.inputs,
+        args.run.batch_size as usize,
+        args.run.max_pixels,
+        |i, outcome| {
+            match outcome {
+                crate::featurize::Outcome::Features(x) => {
+                    paths.push(list.inputs[i].display.clone());
+                    labels.push(list.inputs[i].label.clone());
+                    probs.extend(head.predict_proba(x, 1));
+                }
+                crate::featurize::Outcome::Skipped(reason) => {
+                    crate::note!("skipped {}: {reason}", list.inputs[i].display)
+                }
+            }
+            Ok(())
+        },
+    )?;
+    if paths.is_empty() {
+        bail!("{}: no image could be read", args.features.display());
+    }
+    Ok((paths, labels, probs))
+}
+
 pub fn run(args: Args) -> anyhow::Result<Status> {
     let head = Head::load(&args.head).map_err(anyhow::Error::msg)?;
-    let table = features::read_features(&args.features)?;
-    super::check_head_features(&head, &table, &args.features)?;
+    let (paths, labels, probs) = if args.features.is_dir() {
+        predict_folder(&args, &head)?
+    } else {
+        let table = features::read_features(&args.features)?;
+        super::check_head_features(&head, &table, &args.features)?;
+        let probs = head.predict_proba(&table.data, table.len());
+        (table.paths, table.labels, probs)
+    };
 
     let index: HashMap<&str, usize> = head
         .classes
@@ -42,8 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         .map(|(i, c)| (c.as_str(), i))
         .collect();
     let mut unknown: std::collections::BTreeMap<&str, usize> = Default::default();
-    let truth: Vec<usize> = table
-        .labels
+    let truth: Vec<usize> = labels
         .iter()
         .map(|l| match index.get(l.as_str()) {
             Some(&i) => i,
@@ -66,7 +121,6 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         );
     }
 
-    let probs = head.predict_proba(&table.data, table.len());
     let eval = metrics::evaluate(&head.classes, &truth, &probs)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.features.display()))?;
     let k = head.classes.len();
@@ -77,7 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             .iter()
             .map(|m| {
                 serde_json::json!({
-                    "path": table.paths[m.row],
+                    "path": paths[m.row],
                     "truth": head.classes[m.truth],
                     "predicted": head.classes[m.predicted],
                     "probability": m.probability,
@@ -93,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             "{} head on {} ({} rows)\n",
             head.model.kind(),
             args.features.display(),
-            table.len()
+            paths.len()
         )?;
         crate::out!("{}", eval.to_table())?;
         if !mistakes.is_empty() {
@@ -103,7 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
             w.write_record(["path", "truth", "predicted", "probability"])?;
             for m in &mistakes {
                 w.write_record([
-                    table.paths[m.row].as_str(),
+                    paths[m.row].as_str(),
                     &head.classes[m.truth],
                     &head.classes[m.predicted],
                     &format!("{:.4}", m.probability),

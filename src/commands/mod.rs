@@ -5,6 +5,7 @@ pub mod classify;
 pub mod completions;
 pub mod evaluate;
 pub mod featurize;
+pub mod fine_tune;
 pub mod info;
 pub mod inspect;
 pub mod man;

@@ -480,7 +480,11 @@ impl FastInceptionV3 {
         if layer == Layer::Mixed6e {
             return x;
         }
-        self.to_7c(&x)
+        let x = self.d.forward(&x);
+        if layer == Layer::Mixed7a {
+            return x;
+        }
+        self.e.iter().fold(x, |x, b| b.forward(&x))
     }
 
     /// [`Self::forward_act`] in NCHW order, like [`InceptionV3::forward_to`].

@@ -60,6 +60,8 @@ pub enum Layer {
     Mixed5d,
     /// 768 x 17 x 17
     Mixed6e,
+    /// 1280 x 8 x 8
+    Mixed7a,
     /// 2048 x 8 x 8
     Mixed7c,
 }
@@ -69,6 +71,7 @@ impl Layer {
         match self {
             Layer::Mixed5d => "mixed_5d",
             Layer::Mixed6e => "mixed_6e",
+            Layer::Mixed7a => "mixed_7a",
             Layer::Mixed7c => "mixed_7c",
         }
     }
@@ -78,6 +81,7 @@ impl Layer {
         match self {
             Layer::Mixed5d => [288, 35, 35],
             Layer::Mixed6e => [768, 17, 17],
+            Layer::Mixed7a => [1280, 8, 8],
             Layer::Mixed7c => [2048, 8, 8],
         }
     }
@@ -89,9 +93,10 @@ impl std::str::FromStr for Layer {
         match s {
             "mixed_5d" => Ok(Layer::Mixed5d),
             "mixed_6e" => Ok(Layer::Mixed6e),
+            "mixed_7a" => Ok(Layer::Mixed7a),
             "mixed_7c" => Ok(Layer::Mixed7c),
             other => Err(format!(
-                "unknown layer '{other}' (expected mixed_5d, mixed_6e or mixed_7c)"
+                "unknown layer '{other}' (expected mixed_5d, mixed_6e, mixed_7a or mixed_7c)"
             )),
         }
     }
@@ -704,7 +709,26 @@ impl InceptionV3 {
         if layer == Layer::Mixed6e {
             return x;
         }
-        self.to_7c(x)
+        let x = self.Mixed_7a.forward(x);
+        if layer == Layer::Mixed7a {
+            return x;
+        }
+        self.Mixed_7c.forward(self.Mixed_7b.forward(x))
+    }
+
+    /// The blocks above `cut` (`mixed_6e` or `mixed_7a`), for fine-tuning them; `None` for a
+    /// layer that is not a cut point.
+    pub fn into_top(self, cut: Layer) -> Option<InceptionTop> {
+        let mixed_7a = match cut {
+            Layer::Mixed6e => Some(self.Mixed_7a),
+            Layer::Mixed7a => None,
+            Layer::Mixed5d | Layer::Mixed7c => return None,
+        };
+        Some(InceptionTop {
+            Mixed_7a: mixed_7a,
+            Mixed_7b: self.Mixed_7b,
+            Mixed_7c: self.Mixed_7c,
+        })
     }
 
     /// Every stage at once, for comparing against reference activations.
@@ -726,6 +750,27 @@ impl InceptionV3 {
     /// ImageNet logits from pooled `[N, 2048]` features, when the weights carry `fc`.
     pub fn classify(&self, pooled: Tensor<2>) -> Option<Tensor<2>> {
         self.fc.as_ref().map(|fc| fc.forward(pooled))
+    }
+}
+
+/// The trainable part of a fine-tuned InceptionV3: the Mixed blocks above the cut point, with
+/// BatchNorm folded (held in inference mode). Field names are the weight files' prefixes.
+#[derive(Module, Debug)]
+#[allow(non_snake_case)]
+pub struct InceptionTop {
+    Mixed_7a: Option<InceptionD>,
+    Mixed_7b: InceptionE,
+    Mixed_7c: InceptionE,
+}
+
+impl InceptionTop {
+    /// `[N, 768, 17, 17]` (cut at mixed_6e) or `[N, 1280, 8, 8]` (mixed_7a) -> mixed_7c.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = match &self.Mixed_7a {
+            Some(block) => block.forward(x),
+            None => x,
+        };
+        self.Mixed_7c.forward(self.Mixed_7b.forward(x))
     }
 }
 

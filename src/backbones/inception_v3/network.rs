@@ -31,6 +31,10 @@ pub static SPEC: Spec = Spec {
             shape: Some([768, 17, 17]),
         },
         LayerSpec {
+            name: "mixed_7a",
+            shape: Some([1280, 8, 8]),
+        },
+        LayerSpec {
             name: "mixed_7c",
             shape: Some([2048, 8, 8]),
         },

@@ -1,0 +1,344 @@
+//! The training loop: AdamW with separate learning rates for the pretrained blocks and the new
+//! classifier, decoupled weight decay, dropout, a cosine schedule, early stopping on a
+//! stratified validation split, and the best model kept (also when stopped by Ctrl-C).
+
+use super::FineTuneError;
+use super::cache::{ActivationCache, VIEWS};
+use super::top::FineTunedNet;
+use crate::split::SplitMix64;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Hyper-parameters of a fine-tune (recorded in the model file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FineTuneParams {
+    pub epochs: usize,
+    /// Activations per optimizer step.
+    pub batch_size: usize,
+    /// Peak learning rate of the pretrained blocks.
+    pub lr: f64,
+    /// Peak learning rate of the new classifier: it starts from zero and must move much
+    /// further than the pretrained weights, which a large step would wreck.
+    pub head_lr: f64,
+    /// AdamW's decoupled weight decay (both groups).
+    pub weight_decay: f64,
+    /// Dropout on the pooled features before the classifier.
+    pub dropout: f64,
+    /// Fraction of each class held out for early stopping and model choice.
+    pub validation_fraction: f64,
+    /// Epochs without a better validation loss before stopping.
+    pub patience: usize,
+    pub seed: u64,
+}
+
+impl Default for FineTuneParams {
+    fn default() -> Self {
+        Self {
+            epochs: 8,
+            batch_size: 32,
+            lr: 1e-4,
+            head_lr: 1e-3,
+            weight_decay: 1e-2,
+            dropout: 0.5,
+            validation_fraction: 0.15,
+            patience: 3,
+            seed: 42,
+        }
+    }
+}
+
+impl FineTuneParams {
+    pub fn check(&self) -> Result<(), FineTuneError> {
+        let bad = |m: String| Err(FineTuneError::Params(m));
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1".into());
+        }
+        for (name, v) in [("--lr", self.lr), ("--head-lr", self.head_lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number, not {v}"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "--weight-decay must be >= 0, not {}",
+                self.weight_decay
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("--dropout must be in [0, 1), not {}", self.dropout));
+        }
+        if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
+            return bad(format!(
+                "--validation-fraction must be in (0, 1), not {}",
+                self.validation_fraction
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+}
+
+/// Progress inside an epoch, after each optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub epoch: usize,
+    pub step: usize,
+    pub steps: usize,
+    /// Mean loss of the epoch so far.
+    pub loss: f64,
+}
+
+/// How a training ended.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct TrainReport {
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub best_val_loss: f64,
+    pub best_val_accuracy: f64,
+    pub train_images: usize,
+    pub val_images: usize,
+    /// Training samples per epoch: train images times views.
+    pub samples_per_epoch: usize,
+    pub stopped_early: bool,
+    /// Ctrl-C stopped it; the best model of the finished epochs is kept.
+    pub interrupted: bool,
+    pub history: Vec<EpochReport>,
+}
+
+/// Learning-rate factor at step `t` of `total`: half a cosine from 1 down to 0.
+fn cosine(t: usize, total: usize) -> f64 {
+    0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())
+}
+
+/// `(train, validation)` image indices: each class split alike (shuffled by `seed`).
+pub fn split(
+    labels: &[usize],
+    classes: usize,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    crate::mlp::validation_split(labels, classes, fraction, seed)
+}
+
+/// Fine-tunes `net` on the cached activations of the selected images of `cache` (class index
+/// per image in `labels`). `stop` (Ctrl-C) ends training after the current step; the best
+/// model by validation loss among the finished epochs is returned, or `Interrupted` when none
+/// finished.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    net: FineTunedNet,
+    cache: &mut ActivationCache,
+    shape: [usize; 3],
+    labels: &[usize],
+    classes: usize,
+    params: &FineTuneParams,
+    stop: &AtomicBool,
+    mut on_step: impl FnMut(StepReport),
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<(FineTunedNet, TrainReport), FineTuneError> {
+    params.check()?;
+    let (train_images, val_images) =
+        split(labels, classes, params.validation_fraction, params.seed);
+    if val_images.is_empty() || train_images.is_empty() {
+        return Err(FineTuneError::Params(
+            "too few images for a validation split".into(),
+        ));
+    }
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    let mut net = net.fork(&ad).train();
+    let optim = |wd: f64| AdamWConfig::new().with_weight_decay(wd as f32).init();
+    let mut optim_top = optim(params.weight_decay);
+    let mut optim_head = optim(params.weight_decay);
+
+    // Every training image in every view is a sample; validation reads the original only,
+    // as `predict` does.
+    let mut samples: Vec<(usize, usize)> = train_images
+        .iter()
+        .flat_map(|&i| (0..VIEWS.len()).map(move |v| (i, v)))
+        .collect();
+    let steps_per_epoch = samples.len().div_ceil(params.batch_size);
+    let total_steps = steps_per_epoch * params.epochs;
+    let mut rng = SplitMix64::new(params.seed ^ 0x6669_6e65_7475_6e65);
+    let dim: usize = shape.iter().product();
+    let keep_scale = 1.0 / (1.0 - params.dropout);
+    let pooled = net.pooled();
+
+    let mut report = TrainReport {
+        train_images: train_images.len(),
+        val_images: val_images.len(),
+        samples_per_epoch: samples.len(),
+        best_val_loss: f64::INFINITY,
+        ..TrainReport::default()
+    };
+    let mut best: Option<FineTunedNet> = None;
+    let mut since_best = 0;
+    let mut global_step = 0;
+    let mut x = Vec::new();
+    'epochs: for epoch in 1..=params.epochs {
+        rng.shuffle(&mut samples);
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        for (step, batch) in samples.chunks(params.batch_size).enumerate() {
+            if stop.load(Ordering::SeqCst) {
+                report.interrupted = true;
+                break 'epochs;
+            }
+            let b = batch.len();
+            x.clear();
+            let mut onehot = vec![0f32; b * classes];
+            for (row, &(image, view)) in batch.iter().enumerate() {
+                cache.read_into(image, view, &mut x)?;
+                onehot[row * classes + labels[image]] = 1.0;
+            }
+            let [c, h, w] = shape;
+            let input = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, c, h, w]), &ad);
+            let keep = (params.dropout > 0.0).then(|| {
+                let mask: Vec<f32> = (0..b * pooled)
+                    .map(|_| {
+                        if rng.next_f64() < params.dropout {
+                            0.0
+                        } else {
+                            keep_scale as f32
+                        }
+                    })
+                    .collect();
+                Tensor::<2>::from_data(TensorData::new(mask, [b, pooled]), &ad)
+            });
+            let target = Tensor::<2>::from_data(TensorData::new(onehot, [b, classes]), &ad);
+            let loss = (log_softmax(net.forward(input, keep), 1) * target)
+                .sum()
+                .mul_scalar(-1.0 / b as f64);
+            let value = loss
+                .clone()
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| FineTuneError::Params(format!("loss unreadable: {e:?}")))?[0]
+                as f64;
+            if !value.is_finite() {
+                return Err(FineTuneError::Diverged { epoch, loss: value });
+            }
+            let mut grads = loss.backward();
+            let factor = cosine(global_step, total_steps);
+            let top_grads = GradientsParams::from_module(&mut grads, &net.top);
+            let head_grads = GradientsParams::from_module(&mut grads, &net.classifier);
+            if top_grads.is_empty() || head_grads.is_empty() {
+                return Err(FineTuneError::Params(
+                    "autodiff produced no gradient for the trainable layers".into(),
+                ));
+            }
+            net.top = optim_top.step(params.lr * factor, net.top, top_grads);
+            net.classifier = optim_head.step(params.head_lr * factor, net.classifier, head_grads);
+            global_step += 1;
+            loss_sum += value * b as f64;
+            seen += b;
+            on_step(StepReport {
+                epoch,
+                step: step + 1,
+                steps: steps_per_epoch,
+                loss: loss_sum / seen as f64,
+            });
+        }
+        let valid = net.valid();
+        let (val_loss, val_accuracy) =
+            evaluate(&valid, cache, shape, dim, labels, &val_images, &plain)?;
+        let epoch_report = EpochReport {
+            epoch,
+            train_loss: loss_sum / seen.max(1) as f64,
+            val_loss,
+            val_accuracy,
+        };
+        on_epoch(&epoch_report);
+        report.history.push(epoch_report);
+        report.epochs_run = epoch;
+        if val_loss < report.best_val_loss {
+            report.best_val_loss = val_loss;
+            report.best_val_accuracy = val_accuracy;
+            report.best_epoch = epoch;
+            best = Some(valid);
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= params.patience && epoch < params.epochs {
+                report.stopped_early = true;
+                break;
+            }
+        }
+    }
+    match best {
+        Some(net) => Ok((net, report)),
+        None => Err(FineTuneError::Interrupted),
+    }
+}
+
+/// Mean cross-entropy and accuracy of `net` on the original view of `images`.
+fn evaluate(
+    net: &FineTunedNet,
+    cache: &mut ActivationCache,
+    shape: [usize; 3],
+    dim: usize,
+    labels: &[usize],
+    images: &[usize],
+    device: &Device,
+) -> Result<(f64, f64), FineTuneError> {
+    const CHUNK: usize = 32;
+    let (mut loss, mut correct) = (0f64, 0usize);
+    let mut x = Vec::with_capacity(CHUNK * dim);
+    for chunk in images.chunks(CHUNK) {
+        x.clear();
+        for &image in chunk {
+            cache.read_into(image, 0, &mut x)?;
+        }
+        let logp = net.log_proba(&x, chunk.len(), shape, device);
+        let k = logp.len() / chunk.len();
+        for (row, &image) in logp.chunks_exact(k).zip(chunk) {
+            let y = labels[image];
+            loss -= row[y] as f64;
+            let best = (0..k).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+            correct += usize::from(best == y);
+        }
+    }
+    let n = images.len() as f64;
+    Ok((loss / n, correct as f64 / n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_goes_from_one_to_zero() {
+        assert_eq!(cosine(0, 10), 1.0);
+        assert!((cosine(5, 10) - 0.5).abs() < 1e-12);
+        assert!(cosine(10, 10).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_params_are_refused_with_the_flag_name() {
+        let p = FineTuneParams {
+            dropout: 1.0,
+            ..FineTuneParams::default()
+        };
+        assert!(p.check().unwrap_err().to_string().contains("--dropout"));
+        let p = FineTuneParams {
+            lr: 0.0,
+            ..FineTuneParams::default()
+        };
+        assert!(p.check().unwrap_err().to_string().contains("--lr"));
+        assert!(FineTuneParams::default().check().is_ok());
+    }
+}

@@ -1,0 +1,271 @@
+//! `dltool fine-tune` as a user runs it: bad input, a small run end to end, the cache reused,
+//! and the model through `predict` and `evaluate`.
+
+mod common;
+
+use common::{dltool, fails_with, ok, run, shared};
+use dltool::head::{Head, HeadModel};
+use std::path::{Path, PathBuf};
+
+/// `per_class` photos of each class from ../shared/flowers, skipping the first `skip`, linked
+/// into `dir/<class>/`.
+fn flowers(dir: &Path, classes: &[&str], skip: usize, per_class: usize) -> PathBuf {
+    for class in classes {
+        let src = shared("flowers").join(class);
+        let mut names: Vec<_> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for name in names.iter().skip(skip).take(per_class) {
+            std::os::unix::fs::symlink(src.join(name), dir.join(class).join(name)).unwrap();
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// EfficientNet-Lite0: the smallest network dltool fine-tunes, so the end-to-end runs stay
+/// a few seconds on 2 cores.
+fn lite0() -> PathBuf {
+    shared("weights/efficientnet_lite0/efficientnet-lite0-57934424.pth")
+}
+
+fn fine_tune(images: &Path, model: &Path, cache: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = dltool();
+    cmd.arg("fine-tune")
+        .arg(images)
+        .arg("-o")
+        .arg(model)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(extra);
+    cmd
+}
+
+#[test]
+fn one_class_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy"], 0, 3);
+    let model = dir.path().join("m.safetensors");
+    fails_with(
+        &mut fine_tune(&images, &model, &dir.path().join("cache"), &[]),
+        "only one class (daisy)",
+    );
+    assert!(!model.exists());
+}
+
+#[test]
+fn a_class_too_small_for_the_validation_split_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("img");
+    flowers(&images, &["daisy"], 0, 3);
+    flowers(&images, &["roses"], 0, 1);
+    fails_with(
+        &mut fine_tune(&images, &dir.path().join("m"), &dir.path().join("c"), &[]),
+        "class 'roses' has 1 image(s); the validation split needs at least 2",
+    );
+}
+
+#[test]
+fn a_layer_that_is_not_a_cut_point_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 2);
+    let lite0 = lite0();
+    let lite0 = lite0.to_str().unwrap();
+    for (layer, extra, points) in [
+        (
+            "mixed_7c",
+            None,
+            "inception_v3 (cut points: mixed_6e, mixed_7a)",
+        ),
+        (
+            "mixed_5d",
+            None,
+            "inception_v3 (cut points: mixed_6e, mixed_7a)",
+        ),
+        (
+            "head",
+            Some(lite0),
+            "efficientnet_lite0 (cut points: block0, block2, block4, block7, block10, block14, block15)",
+        ),
+        (
+            "block3",
+            Some(lite0),
+            "efficientnet_lite0 (cut points: block0, block2",
+        ),
+    ] {
+        let mut args = vec!["--from-layer", layer];
+        if let Some(w) = extra {
+            args.extend(["--weights", w]);
+        }
+        fails_with(
+            &mut fine_tune(&images, &dir.path().join("m"), &dir.path().join("c"), &args),
+            &format!("--from-layer {layer}: not a fine-tuning cut point of {points}"),
+        );
+    }
+}
+
+#[test]
+fn a_network_that_cannot_be_fine_tuned_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 2);
+    fails_with(
+        fine_tune(&images, &dir.path().join("m"), &dir.path().join("c"), &[])
+            .arg("--weights")
+            .arg(shared("weights/mobilenet_v1_0.25_224/model.json")),
+        "--backbone mobilenet_v1: fine-tuning supports inception_v3, efficientnet_lite0 and efficientnet_lite2",
+    );
+}
+
+#[test]
+fn images_that_all_fail_to_decode_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("img");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(images.join(class)).unwrap();
+        for i in 0..2 {
+            std::fs::write(images.join(class).join(format!("{i}.jpg")), b"not a jpeg").unwrap();
+        }
+    }
+    let model = dir.path().join("m.safetensors");
+    let out = run(&mut fine_tune(
+        &images,
+        &model,
+        &dir.path().join("c"),
+        &["--from-layer", "mixed_7a"],
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains("no image could be read: all 4 failed to decode"),
+        "{stderr}"
+    );
+    // Each bad file was named on its own line before.
+    assert_eq!(stderr.matches("skipped ").count(), 4, "{stderr}");
+    assert!(!model.exists());
+}
+
+#[test]
+fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = ["daisy", "sunflowers"];
+    let train = flowers(&dir.path().join("train"), &classes, 0, 20);
+    let test = flowers(&dir.path().join("test"), &classes, 100, 10);
+    let cache = dir.path().join("cache");
+    let lite0 = lite0();
+    let args = [
+        "--weights",
+        lite0.to_str().unwrap(),
+        // The last stage end: block 15 and the head train (the default, block10, trains five
+        // blocks: more time, no more coverage).
+        "--from-layer",
+        "block14",
+        "--epochs",
+        "2",
+        "--seed",
+        "7",
+        "--validation-fraction",
+        "0.2",
+        // 32 training photos x 2 views: batches of 8 give 8 steps an epoch instead of 2.
+        "--train-batch",
+        "8",
+        "--head-lr",
+        "0.003",
+    ];
+
+    let first = dir.path().join("first.safetensors");
+    let out = run(&mut fine_tune(&train, &first, &cache, &args));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0 reused, 40 computed"), "{stderr}");
+    assert!(stderr.contains("epoch 2:"), "{stderr}");
+
+    let head = Head::load(&first).unwrap();
+    assert_eq!(head.classes, vec!["daisy", "sunflowers"]);
+    assert_eq!(head.provenance.backbone, "efficientnet_lite0/224");
+    assert_eq!(head.provenance.layer, "block14");
+    assert_eq!(head.provenance.pool, "none");
+    assert_eq!(head.feature_dim, 192 * 7 * 7);
+    let HeadModel::FineTuned { model, params } = &head.model else {
+        panic!("not a fine-tuned model: {}", head.model.kind());
+    };
+    assert_eq!(params.seed, 7);
+    assert_eq!(model.report.train_images + model.report.val_images, 40);
+    assert_eq!(
+        model.report.samples_per_epoch,
+        2 * model.report.train_images
+    );
+
+    // Same images, network and views: the cache answers, and the same seed gives the same file.
+    let second = dir.path().join("second.safetensors");
+    let out = run(&mut fine_tune(&train, &second, &cache, &args));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("40 reused, 0 computed"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&second).unwrap(),
+        "same seed, images and threads: the same model"
+    );
+
+    // Held-out photos through the model, with the frozen part from the shared weights.
+    let stdout = ok(dltool()
+        .arg("predict")
+        .arg(&first)
+        .arg(&test)
+        .arg("--weights")
+        .arg(&lite0)
+        .arg("-q"));
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 20);
+    let correct = rows
+        .iter()
+        .filter(|r| {
+            let f: Vec<&str> = r.split(',').collect();
+            f[0].contains(&format!("/{}/", f[1]))
+        })
+        .count();
+    let json = ok(dltool()
+        .arg("evaluate")
+        .arg(&first)
+        .arg(&test)
+        .arg("--weights")
+        .arg(&lite0)
+        .arg("--json"));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let accuracy = v["accuracy"].as_f64().unwrap();
+    assert_eq!(
+        accuracy,
+        correct as f64 / 20.0,
+        "evaluate agrees with predict"
+    );
+    // Daisies and sunflowers are far apart for ImageNet features: even 2 short epochs on 32
+    // photos must separate most of them.
+    assert!(accuracy >= 0.8, "held-out accuracy {accuracy}");
+}
+
+#[test]
+fn a_model_file_is_refused_with_weights_of_another_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 3);
+    let model = dir.path().join("m.safetensors");
+    let out = run(&mut fine_tune(
+        &images,
+        &model,
+        &dir.path().join("c"),
+        &["--from-layer", "mixed_7a", "--epochs", "1"],
+    ));
+    assert!(out.status.success());
+    let mobilenet = shared("weights/mobilenet_v1_0.25_224/model.json");
+    fails_with(
+        dltool()
+            .arg("evaluate")
+            .arg(&model)
+            .arg(&images)
+            .arg("--weights")
+            .arg(&mobilenet),
+        "holds mobilenet_v1 weights",
+    );
+}
