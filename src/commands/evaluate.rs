@@ -23,9 +23,10 @@ pub struct Args {
     pub features: PathBuf,
 
     /// With a folder of images: the backbone's weight file [default: as featurize finds it];
-    /// must be the head's.
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
+    /// must be the head's. For a head on several networks' features, one per network,
+    /// comma-separated, in its order.
+    #[arg(long, value_name = "FILE[,FILE...]", value_parser = super::WeightListParser)]
+    pub weights: Option<super::WeightList>,
 
     #[command(flatten)]
     pub run: super::NetworkArgs,
@@ -53,10 +54,17 @@ fn predict_folder(
         crate::note!("skipped {}: {}", skip.display, skip.reason);
     }
     let device = super::open_device(args.run.device, true)?;
-    let backbone = crate::head::open_backbone(head, &args.head, args.weights.as_deref(), device)?;
+    let weights: &[PathBuf] = args.weights.as_ref().map_or(&[], |w| &w.0);
+    let set = crate::model::backbone_for_head(
+        head,
+        &args.head,
+        weights,
+        crate::onnx_net::Limits::default(),
+        device,
+    )?;
     let (mut paths, mut labels, mut probs) = (Vec::new(), Vec::new(), Vec::new());
     crate::featurize::run(
-        &backbone,
+        &set,
         &list.inputs,
         args.run.batch_size as usize,
         args.run.max_pixels,

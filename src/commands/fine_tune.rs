@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     let mut opts = BackboneOptions {
         pool: Pool::None,
         tta: Tta::None,
-        ..args.network.options()
+        ..args.network.options()?
     };
     let (weights_path, kind) = Backbone::resolve(&opts)?;
     let layer = match &args.from_layer {

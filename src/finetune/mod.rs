@@ -214,7 +214,9 @@ pub fn fill(
         stamps.push(stamp);
     }
     let dim = cache.dim();
-    let network = |pixels: Vec<f32>, n: usize| {
+    let network = |pixels: featurize::Pixels, n: usize| {
+        // One network, so one preprocessing: its buffer is the only one.
+        let pixels = pixels.into_iter().next().unwrap_or_default();
         let mut mirrored = pixels.clone();
         crate::backbone::mirror_rows(&mut mirrored, backbone.preprocess.width as usize);
         let original = backbone.features(pixels, n);
@@ -228,7 +230,7 @@ pub fn fill(
         out
     };
     let result = featurize::run_network(
-        backbone,
+        std::slice::from_ref(&backbone.preprocess),
         &todo,
         batch_size,
         max_pixels,
