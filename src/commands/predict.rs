@@ -198,13 +198,8 @@ fn predict_images(
     };
     let weights: &[PathBuf] = args.weights.as_ref().map_or(&[], |w| &w.0);
     let device = super::open_device(args.run.device, args.quiet)?;
-    let set = model::backbone_for_head(
-        head,
-        &args.head,
-        weights,
-        args.onnx_limits.limits(),
-        device,
-    )?;
+    let set =
+        model::backbone_for_head(head, &args.head, weights, args.onnx_limits.limits(), device)?;
     if streaming {
         return predict_stream(args, head, &set, rows, sink);
     }
