@@ -25,6 +25,7 @@ pub fn flop_per_image(provenance: &str) -> Option<f64> {
         "resnet50" => 8_174_272_512.0,
         "vgg16" => 30_932_336_640.0,
         "vgg19" => 39_255_932_928.0,
+        "xception" => 16_710_710_992.0,
         _ => return None,
     })
 }

@@ -33,6 +33,7 @@ pub enum Backbone {
     ResNet50,
     Vgg16,
     Vgg19,
+    Xception,
     EfficientNetLite0,
     EfficientNetLite2,
 }
@@ -45,6 +46,7 @@ impl Backbone {
             Backbone::ResNet50 => "resnet50",
             Backbone::Vgg16 => "vgg16",
             Backbone::Vgg19 => "vgg19",
+            Backbone::Xception => "xception",
             Backbone::EfficientNetLite0 => "efficientnet_lite0",
             Backbone::EfficientNetLite2 => "efficientnet_lite2",
         }
@@ -588,6 +590,19 @@ static ENTRIES: &[Entry] = &[
             "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
             "vgg19-dcbb9e9d.pth",
             Some("dcbb9e9d"),
+        )],
+    },
+    // timm's copy of Cadene's port of Keras' ImageNet Xception (`legacy_xception.tf_in1k`);
+    // the 9 hex digits in the name are, as in torchvision's, the start of its SHA-256.
+    Entry {
+        name: "xception_imagenet",
+        description: "Xception, Keras' ImageNet weights as timm's legacy_xception (Cadene's port), 299x299",
+        backbone: Backbone::Xception,
+        format: Format::Pytorch,
+        files: &[url_only(
+            "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-cadene/xception-43020ad28.pth",
+            "xception-43020ad28.pth",
+            Some("43020ad28"),
         )],
     },
     Entry {
@@ -2162,7 +2177,7 @@ mod tests {
             );
         }
         assert!(!find("mobilenet_v1_1.0_224").unwrap().hashes_known());
-        assert_eq!(entries().len(), 12);
+        assert_eq!(entries().len(), 13);
     }
 
     #[test]

@@ -18,6 +18,22 @@ fn read(path: &Path) -> dltool::features::FeatureTable {
     dltool::features::read_features(path).unwrap()
 }
 
+/// `predict`'s rows as `file,class`, sorted: the same images from images or from features.
+fn classes_by_file(text: &str) -> Vec<String> {
+    let mut rows: Vec<String> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut f = l.split(',');
+            let path = f.next().unwrap();
+            let file = Path::new(path).file_name().unwrap().to_string_lossy();
+            format!("{file},{}", f.next().unwrap())
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
@@ -101,22 +117,11 @@ fn resnet_runs_the_chain_and_classifies() {
         .arg(d("head.safetensors"))
         .arg("--features")
         .arg(d("f.safetensors")));
-    let classes = |text: &str| -> Vec<String> {
-        let mut rows: Vec<String> = text
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let mut f = l.split(',');
-                let path = f.next().unwrap();
-                let file = Path::new(path).file_name().unwrap().to_string_lossy();
-                format!("{file},{}", f.next().unwrap())
-            })
-            .collect();
-        rows.sort();
-        rows
-    };
-    assert_eq!(classes(&from_images), classes(&from_features));
-    assert_eq!(classes(&from_images).len(), names.len());
+    assert_eq!(
+        classes_by_file(&from_images),
+        classes_by_file(&from_features)
+    );
+    assert_eq!(classes_by_file(&from_images).len(), names.len());
 
     // classify uses fc (10 classes here) with the labels given.
     let labels = d("labels.txt");
@@ -275,4 +280,147 @@ fn featurize_preprocesses_as_torchvision_and_runs_the_library_network() {
         max_diff(&cli, &squashed) > 1e-3 * scale,
         "the crop made no difference"
     );
+}
+
+fn xception_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/xception")
+        .join(name)
+}
+
+/// `n` labels `class 0`, `class 1`, ... in `dir/labels.txt`.
+fn labels(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join("labels.txt");
+    let text: String = (0..n).map(|i| format!("class {i}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn xception_runs_the_chain_and_classifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("imgs");
+    let names = photo_dir(&root, 2);
+    let d = |name: &str| dir.path().join(name);
+    let weights = xception_fixture("xception_tiny.safetensors");
+
+    // Recognised from timm's tensor names; `pool` by default.
+    ok(dltool()
+        .args(["featurize", "-q", "--weights"])
+        .arg(&weights)
+        .arg(&root)
+        .arg("-o")
+        .arg(d("f.safetensors")));
+    let pool = read(&d("f.safetensors"));
+    assert_eq!((pool.len(), pool.dim), (names.len(), 256));
+    let meta = pool.meta.clone().unwrap();
+    assert_eq!(
+        (meta.backbone.as_str(), meta.layer.as_str()),
+        ("xception/keras", "pool")
+    );
+    // `pool` is the average of act4.
+    ok(dltool()
+        .args([
+            "featurize",
+            "-q",
+            "--backbone",
+            "xception",
+            "--layer",
+            "act4",
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .arg(&root)
+        .arg("-o")
+        .arg(d("a4.safetensors")));
+    let a4 = read(&d("a4.safetensors"));
+    assert!(
+        max_diff(&a4.data, &pool.data)
+            <= 1e-5 * pool.data.iter().fold(1.0f32, |m, v| m.max(v.abs()))
+    );
+    // Unpooled middle flow: 96 channels x 19 x 19 at 299.
+    ok(dltool()
+        .args(["featurize", "-q", "--layer", "middle", "--pool", "none"])
+        .arg("--weights")
+        .arg(&weights)
+        .arg(root.join("daisy"))
+        .arg("-o")
+        .arg(d("m.safetensors")));
+    assert_eq!(read(&d("m.safetensors")).dim, 96 * 19 * 19);
+
+    // A head, then predict from images: the head reloads Xception and agrees with itself.
+    ok(dltool()
+        .args(["train-head", "-q"])
+        .arg(d("f.safetensors"))
+        .arg("-o")
+        .arg(d("head.safetensors")));
+    let from_images = ok(dltool()
+        .args(["predict", "-q"])
+        .arg(d("head.safetensors"))
+        .arg("--weights")
+        .arg(&weights)
+        .arg(&root));
+    let from_features = ok(dltool()
+        .args(["predict", "-q"])
+        .arg(d("head.safetensors"))
+        .arg("--features")
+        .arg(d("f.safetensors")));
+    assert_eq!(
+        classes_by_file(&from_images),
+        classes_by_file(&from_features)
+    );
+    assert_eq!(classes_by_file(&from_images).len(), names.len());
+
+    let out = ok(dltool()
+        .args(["classify", "--top-k", "2", "--backbone", "xception"])
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--labels")
+        .arg(labels(dir.path(), 10))
+        .arg(root.join("daisy")));
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2 * 2, "{out}");
+    assert!(rows.iter().all(|r| r.contains(",class ")), "{out}");
+
+    // A layer Xception does not have lists the ones it has.
+    let out = run(dltool()
+        .args(["featurize", "--layer", "layer4", "--weights"])
+        .arg(&weights)
+        .arg(&root));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("block1, block2, block3, middle, exit, act4, pool"),
+        "{err}"
+    );
+}
+
+/// A full-size state dict with timm's exact names and shapes (random values, written at test
+/// time from the committed list) through featurize and classify at 299x299.
+#[test]
+fn full_size_xception_featurizes_and_classifies_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("imgs");
+    photo_dir(&root, 1);
+    let weights = dir.path().join("xception.safetensors");
+    let names = common::names_in(&xception_fixture("full_size_names.json"), "legacy_xception");
+    common::write_random(&names, &weights);
+    let out = dir.path().join("f.safetensors");
+    ok(dltool()
+        .args(["featurize", "-q", "--weights"])
+        .arg(&weights)
+        .arg(&root)
+        .arg("-o")
+        .arg(&out));
+    let t = read(&out);
+    assert_eq!(t.dim, 2048);
+    assert!(t.data.iter().all(|v| v.is_finite()) && t.data.iter().any(|v| *v > 0.0));
+    assert_eq!(t.meta.as_ref().unwrap().backbone, "xception/keras");
+    let text = ok(dltool()
+        .args(["classify", "--top-k", "1", "--weights"])
+        .arg(&weights)
+        .arg("--labels")
+        .arg(labels(dir.path(), 1000))
+        .arg(&root));
+    assert_eq!(text.lines().count(), 1 + t.len(), "{text}");
 }

@@ -1,4 +1,4 @@
-//! ResNet and VGG on the CPU engine against torchvision.
+//! ResNet and VGG on the CPU engine against torchvision, Xception against timm.
 //!
 //! * Reduced networks (same blocks, smaller width/depth, random weights and BatchNorm
 //!   statistics) against reference activations written by `tools/classic_reference.py` with
@@ -6,12 +6,15 @@
 //! * Full-size state dicts with torchvision's exact tensor names and shapes (listed by the
 //!   same script from torchvision's resnet50/vgg16/vgg19), random values, written to a
 //!   temporary safetensors file: they load and run one 224x224 image.
+//! * The same for Xception with `tools/xception_reference.py` and timm's `legacy_xception`
+//!   (tests/fixtures/xception), full size at 299x299.
 
 mod common;
 
 use dltool::backbone::Pool;
 use dltool::backbones::resnet::{self, ResNet};
 use dltool::backbones::vgg::{self, Vgg};
+use dltool::backbones::xception::{self, Xception};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +22,12 @@ use std::path::{Path, PathBuf};
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/classic")
+        .join(name)
+}
+
+fn xception_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/xception")
         .join(name)
 }
 
@@ -168,89 +177,18 @@ fn a_vgg19_file_is_refused_as_vgg16_with_what_it_holds() {
 
 /// torchvision's names, shapes and dtypes for `net` (from the committed list).
 fn full_size_names(net: &str) -> Vec<(String, Vec<usize>, String)> {
-    let text = std::fs::read_to_string(fixture("full_size_names.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[net]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            let shape = row[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (
-                row[0].as_str().unwrap().to_string(),
-                shape,
-                row[2].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-/// A small deterministic generator (xorshift): values in -1..1.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-/// Writes a state dict of `names` with random values scaled to keep activations finite
-/// (He-like weights, BatchNorm variances around 1), optionally dropping or renaming one.
-fn write_random(names: &[(String, Vec<usize>, String)], path: &Path) {
-    let mut rng = Rng(0x9e3779b97f4a7c15);
-    let mut buffers: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
-    for (name, shape, dtype) in names {
-        let count: usize = shape.iter().product();
-        if dtype == "int64" {
-            buffers.push((
-                name.clone(),
-                shape.clone(),
-                safetensors::Dtype::I64,
-                vec![0; 8 * count],
-            ));
-            continue;
-        }
-        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                let u = rng.next();
-                if name.ends_with("running_var") {
-                    1.0 + 0.5 * u.abs()
-                } else if name.ends_with("running_mean") || name.ends_with("bias") {
-                    0.1 * u
-                } else if shape.len() == 1 {
-                    1.0 + 0.2 * u
-                } else {
-                    u * (3.0 / fan_in as f32).sqrt()
-                }
-            })
-            .collect();
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        buffers.push((name.clone(), shape.clone(), safetensors::Dtype::F32, bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = buffers
-        .iter()
-        .map(|(n, s, d, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &None, path).unwrap();
+    common::names_in(&fixture("full_size_names.json"), net)
 }
 
 /// One 224x224 image of small random values.
 fn image() -> Vec<f32> {
-    let mut rng = Rng(42);
-    (0..3 * 224 * 224).map(|_| rng.next()).collect()
+    image_of(224)
+}
+
+/// One `side` x `side` image of small random values.
+fn image_of(side: usize) -> Vec<f32> {
+    let mut rng = common::Rng(42);
+    (0..3 * side * side).map(|_| rng.next()).collect()
 }
 
 fn assert_probabilities(p: &[f32], classes: usize) {
@@ -264,7 +202,7 @@ fn full_size_resnet50_state_dict_loads_and_runs_one_image() {
     let names = full_size_names("resnet50");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet50.safetensors");
-    write_random(&names, &path);
+    common::write_random(&names, &path);
     let net = ResNet::load(&path).unwrap();
     assert_eq!(net.depths, [3, 4, 6, 3]);
     assert_eq!(net.channels, [256, 512, 1024, 2048]);
@@ -290,7 +228,7 @@ fn full_size_resnet50_state_dict_loads_and_runs_one_image() {
         .filter(|(n, _, _)| n != "layer3.5.bn2.running_var")
         .cloned()
         .collect();
-    write_random(&short, &path);
+    common::write_random(&short, &path);
     let err = ResNet::load(&path).err().unwrap().to_string();
     assert!(err.contains("layer3.5.bn2.running_var"), "{err}");
 }
@@ -299,7 +237,7 @@ fn full_size_vgg(net_name: &str, blocks: [usize; 5]) {
     let names = full_size_names(net_name);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{net_name}.safetensors"));
-    write_random(&names, &path);
+    common::write_random(&names, &path);
     let net = Vgg::load(&path, "VGG", blocks).unwrap();
     drop(names);
     assert_eq!(net.channels, vec![64, 128, 256, 512, 512]);
@@ -371,4 +309,132 @@ fn half_precision_state_dicts_load_as_f32() {
         println!("{dtype:?}: pool within {e:.2e} x max|ref|");
         assert!(e <= tol, "{dtype:?}: {e}");
     }
+}
+
+// ---- Xception (timm's legacy_xception) ----
+
+#[test]
+fn reduced_xception_matches_timm_at_every_stage() {
+    let r = read_ref(&xception_fixture("xception_tiny_ref.safetensors"));
+    let net = Xception::load(&xception_fixture("xception_tiny.safetensors")).unwrap();
+    assert_eq!(net.channels, [32, 64, 96, 96, 128, 256]);
+    assert_eq!(net.num_classes(), Some(10));
+    let (x, n, hw) = input(&r);
+    let s = net.forward_stages(&x, n, hw);
+    assert_close("xception stem", &s.stem, &r["stem"].1);
+    for (got, name) in s.layers.iter().zip(xception::LAYERS) {
+        assert_close(&format!("xception {name}"), got, &r[name].1);
+        let [c, h, w] = net.layer_shape(name, hw[0], hw[1]).unwrap();
+        assert_eq!(vec![n, c, h, w], r[name].0, "{name} shape");
+    }
+    assert_close("xception pool", &s.pool, &r["pool"].1);
+    assert_close(
+        "xception logits",
+        s.logits.as_ref().unwrap(),
+        &r["logits"].1,
+    );
+
+    // The feature API (stem and block1 a few images at a time) reads the same stages.
+    let f = net.features(&x, n, hw, "block2", Pool::None);
+    assert_close("xception features block2", &f, &r["block2"].1);
+    let f = net.features(&x, n, hw, "middle", Pool::None);
+    assert_close("xception features middle", &f, &r["middle"].1);
+    let f = net.features(&x, n, hw, "pool", Pool::Max);
+    assert_close("xception features pool", &f, &r["pool"].1);
+    let p = net.classify(&x, n, hw).unwrap();
+    for (img, row) in p.chunks(10).enumerate() {
+        let logits = &r["logits"].1[img * 10..(img + 1) * 10];
+        let best = |v: &[f32]| (0..10).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+        assert_eq!(best(row), best(logits));
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+}
+
+/// As torch.save writes it (timm's published file is a `.pth`).
+#[test]
+fn reduced_xception_from_a_pytorch_file_matches_too() {
+    let r = read_ref(&xception_fixture("xception_tiny_ref.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("xception_tiny.pth");
+    common::pth_from(&xception_fixture("xception_tiny.safetensors"), &pth, &[]);
+    let net = Xception::load(&pth).unwrap();
+    let (x, n, hw) = input(&r);
+    let f = net.features(&x, n, hw, "act4", Pool::Avg);
+    assert_close("xception .pth act4", &f, &r["pool"].1);
+}
+
+#[test]
+fn a_resnet_file_is_refused_as_xception_with_what_it_holds() {
+    let path = fixture("resnet_tiny.safetensors");
+    let err = dltool::backbones::check_weights_for(&xception::SPEC, &path)
+        .expect_err("ResNet weights must not pass for Xception")
+        .to_string();
+    assert!(
+        err.contains("resnet_tiny.safetensors")
+            && err.contains("ResNet50")
+            && err.contains("not Xception"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Loaded anyway, the layout itself is refused in one line naming the file.
+    let err = Xception::load(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("resnet_tiny.safetensors") && err.contains("conv1.weight"),
+        "{err}"
+    );
+    // And the other way round: Xception weights are not ResNet's.
+    let err = dltool::backbones::check_weights_for(
+        &resnet::SPEC,
+        &xception_fixture("xception_tiny.safetensors"),
+    )
+    .expect_err("Xception weights must not pass for ResNet50")
+    .to_string();
+    assert!(
+        err.contains("Xception") && err.contains("not ResNet50"),
+        "{err}"
+    );
+}
+
+#[test]
+fn full_size_xception_state_dict_loads_and_runs_one_image() {
+    let names = common::names_in(&xception_fixture("full_size_names.json"), "legacy_xception");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("xception.safetensors");
+    common::write_random(&names, &path);
+    let net = Xception::load(&path).unwrap();
+    assert_eq!(net.channels, [128, 256, 728, 728, 1024, 2048]);
+    assert_eq!(net.num_classes(), Some(1000));
+    for (layer, want) in xception::LAYERS.iter().zip([
+        [128, 74, 74],
+        [256, 37, 37],
+        [728, 19, 19],
+        [728, 19, 19],
+        [1024, 10, 10],
+        [2048, 10, 10],
+        [2048, 1, 1],
+    ]) {
+        assert_eq!(net.layer_shape(layer, 299, 299), Some(want), "{layer}");
+        let spec = xception::SPEC.layers.iter().find(|l| l.name == *layer);
+        assert_eq!(spec.and_then(|l| l.shape), Some(want), "{layer} in SPEC");
+    }
+    let x = image_of(299);
+    let f = net.features(&x, 1, [299, 299], "pool", Pool::Avg);
+    assert_eq!(f.len(), 2048);
+    assert!(f.iter().all(|v| v.is_finite()) && f.iter().any(|v| *v > 0.0));
+    assert_probabilities(&net.classify(&x, 1, [299, 299]).unwrap(), 1000);
+    // The file is recognised as Xception by its names, and as nothing else.
+    assert_eq!(
+        dltool::backbones::of_weights(&path).map(|s| s.name),
+        Some("xception")
+    );
+
+    // Without one of its tensors the file is refused, naming the tensor.
+    let short: Vec<_> = names
+        .iter()
+        .filter(|(n, _, _)| n != "block7.rep.5.running_var")
+        .cloned()
+        .collect();
+    common::write_random(&short, &path);
+    let err = Xception::load(&path).err().unwrap().to_string();
+    assert!(err.contains("block7.rep.5.running_var"), "{err}");
 }

@@ -367,6 +367,8 @@ fn torchvision_entries_fetch_their_file_and_check_its_hash_prefix() {
         ),
         ("vgg16_imagenet1k_v1", "vgg16-397923af.pth", "397923af"),
         ("vgg19_imagenet1k_v1", "vgg19-dcbb9e9d.pth", "dcbb9e9d"),
+        // timm's Xception, named the same way (9 digits).
+        ("xception_imagenet", "xception-43020ad28.pth", "43020ad28"),
     ] {
         let home = tempfile::tempdir().unwrap();
         let path = format!("/{entry}/{file}");

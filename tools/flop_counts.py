@@ -13,8 +13,10 @@ size.
   (ceil(H / stride)), up to the head convolution.
 * resnet50 (224): torchvision's resnet50 up to the average pool (fc excluded).
 * vgg16 / vgg19 (224): torchvision's model up to fc7 (classifier[:5]), dltool's default layer.
+* xception (299): timm's legacy_xception up to the average pool (fc excluded).
 
-Pinned: torch 2.15.0, torchvision 0.29.2 (the same venv as tools/classic_reference.py).
+Pinned: torch 2.15.0, torchvision 0.29.2, timm 1.0.31 (the same venv as
+tools/classic_reference.py and tools/xception_reference.py).
 usage: python tools/flop_counts.py [SHARED_DIR]
 """
 
@@ -51,6 +53,14 @@ def resnet50():
 def vgg(name):
     net = getattr(torchvision.models, name)(weights=None)
     net.classifier = net.classifier[:5]
+    return net
+
+
+def xception():
+    import timm
+
+    net = timm.create_model("legacy_xception", pretrained=False)
+    net.fc = nn.Identity()
     return net
 
 
@@ -118,6 +128,7 @@ def main():
         ("resnet50", count(resnet50(), 224)),
         ("vgg16", count(vgg("vgg16"), 224)),
         ("vgg19", count(vgg("vgg19"), 224)),
+        ("xception", count(xception(), 299)),
     ]
     for name, flops in rows:
         print(f"{name}\t{flops}\t{flops / 1e9:.3f} GFLOP")

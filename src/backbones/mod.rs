@@ -18,6 +18,7 @@ pub mod state_dict;
 pub mod torchvision;
 pub mod vgg;
 pub mod weight_file;
+pub mod xception;
 
 use crate::image_io::Preprocess;
 use burn::prelude::Device;
@@ -197,6 +198,7 @@ pub static NETWORKS: &[&Spec] = &[
     &resnet::SPEC,
     &vgg::VGG16_SPEC,
     &vgg::VGG19_SPEC,
+    &xception::SPEC,
     &onnx::SPEC,
 ];
 

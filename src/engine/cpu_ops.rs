@@ -99,6 +99,20 @@ pub fn residual_relu(y: &mut Act, bias: &[f32], shortcut: &Act, shortcut_bias: O
         });
 }
 
+/// The end of a residual block without an activation after the sum (Xception's): `y += shortcut`,
+/// in place.
+pub fn residual_add(y: &mut Act, shortcut: &Act) {
+    assert_eq!(
+        (y.n, y.h, y.w, y.c),
+        (shortcut.n, shortcut.h, shortcut.w, shortcut.c),
+        "residual shapes differ"
+    );
+    y.data
+        .par_chunks_mut(1 << 14)
+        .zip(shortcut.data.par_chunks(1 << 14))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(v, r)| *v += r));
+}
+
 /// PyTorch's `AdaptiveAvgPool2d((oh, ow))` then `flatten(1)`: `[n][c * oh * ow]`, channel-major
 /// as torchvision's classifiers expect. Window `i` covers input rows
 /// `floor(i * h / oh) .. ceil((i + 1) * h / oh)` (the identity when `h == oh`).

@@ -296,3 +296,86 @@ pub fn line_reader(
     });
     rx
 }
+
+// ---- random state dicts with a network's real names and shapes ----
+
+/// The names, shapes and dtypes listed for `net` in `list`.
+pub fn names_in(list: &Path, net: &str) -> Vec<(String, Vec<usize>, String)> {
+    let text = std::fs::read_to_string(list).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json[net]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let shape = row[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (
+                row[0].as_str().unwrap().to_string(),
+                shape,
+                row[2].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A small deterministic generator (xorshift): values in -1..1.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// Writes a state dict of `names` with random values scaled to keep activations finite
+/// (He-like weights, BatchNorm variances around 1), optionally dropping or renaming one.
+pub fn write_random(names: &[(String, Vec<usize>, String)], path: &Path) {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut buffers: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
+    for (name, shape, dtype) in names {
+        let count: usize = shape.iter().product();
+        if dtype == "int64" {
+            buffers.push((
+                name.clone(),
+                shape.clone(),
+                safetensors::Dtype::I64,
+                vec![0; 8 * count],
+            ));
+            continue;
+        }
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                let u = rng.next();
+                if name.ends_with("running_var") {
+                    1.0 + 0.5 * u.abs()
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    0.1 * u
+                } else if shape.len() == 1 {
+                    1.0 + 0.2 * u
+                } else {
+                    u * (3.0 / fan_in as f32).sqrt()
+                }
+            })
+            .collect();
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), shape.clone(), safetensors::Dtype::F32, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = buffers
+        .iter()
+        .map(|(n, s, d, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
