@@ -294,7 +294,7 @@ fn an_unknown_layer_lists_the_valid_ones() {
         dltool()
             .args(["featurize", "--layer", "mixed_9z"])
             .arg(&image),
-        "--layer mixed_9z: InceptionV3 has no such layer (it has mixed_5d, mixed_6e, mixed_7c)",
+        "--layer mixed_9z: InceptionV3 has no such layer (it has mixed_5d, mixed_6e, mixed_7a, mixed_7c)",
     );
 }
 
