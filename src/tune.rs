@@ -88,6 +88,11 @@ pub enum Key {
     Activation,
     Patience,
     ValidationFraction,
+    // Fine-tuning's own (the `fine-tune` flags of the same names).
+    HeadLr,
+    WeightDecay,
+    FromLayer,
+    TrainBatch,
 }
 
 const LOGISTIC_KEYS: &[Key] = &[
@@ -108,6 +113,17 @@ const MLP_KEYS: &[Key] = &[
     Key::ValidationFraction,
     Key::Standardize,
 ];
+const FINE_TUNE_KEYS: &[Key] = &[
+    Key::Lr,
+    Key::HeadLr,
+    Key::FromLayer,
+    Key::Epochs,
+    Key::WeightDecay,
+    Key::Dropout,
+    Key::TrainBatch,
+    Key::Patience,
+    Key::ValidationFraction,
+];
 
 impl Key {
     pub fn name(self) -> &'static str {
@@ -125,6 +141,10 @@ impl Key {
             Key::Activation => "activation",
             Key::Patience => "patience",
             Key::ValidationFraction => "validation-fraction",
+            Key::HeadLr => "head-lr",
+            Key::WeightDecay => "weight-decay",
+            Key::FromLayer => "from-layer",
+            Key::TrainBatch => "train-batch",
         }
     }
 
@@ -132,6 +152,7 @@ impl Key {
         LOGISTIC_KEYS
             .iter()
             .chain(MLP_KEYS)
+            .chain(FINE_TUNE_KEYS)
             .copied()
             .find(|k| k.name() == name)
     }
@@ -144,7 +165,12 @@ impl Key {
         }
     }
 
-    /// Parses one value, checking the range `train-head` would accept.
+    /// The keys fine-tuning takes.
+    pub fn fine_tune() -> &'static [Key] {
+        FINE_TUNE_KEYS
+    }
+
+    /// Parses one value, checking the range `train-head` (or `fine-tune`) would accept.
     fn parse(self, text: &str) -> Result<Value, String> {
         let number = |ok: fn(f64) -> bool, range: &str| -> Result<Value, String> {
             let v: f64 = text
@@ -170,10 +196,11 @@ impl Key {
             Key::Reg => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
             Key::ElasticNet => number(|v| (0.0..=1.0).contains(&v), "must be in [0, 1]"),
             Key::Tol => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
-            Key::Lr => number(|v| v.is_finite() && v > 0.0, "must be > 0"),
+            Key::Lr | Key::HeadLr => number(|v| v.is_finite() && v > 0.0, "must be > 0"),
+            Key::WeightDecay => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
             Key::Dropout => number(|v| (0.0..1.0).contains(&v), "must be in [0, 1)"),
             Key::ValidationFraction => number(|v| (0.0..1.0).contains(&v), "must be in [0, 1)"),
-            Key::MaxIter | Key::Epochs | Key::BatchSize => count(1),
+            Key::MaxIter | Key::Epochs | Key::BatchSize | Key::TrainBatch => count(1),
             Key::Patience => count(0),
             Key::Standardize => match text {
                 "true" => Ok(Value::Flag(true)),
@@ -186,6 +213,9 @@ impl Key {
                 _ => Err(format!("'{text}' is not relu or sigmoid")),
             },
             Key::Hidden => parse_sizes(text).map(Value::Sizes),
+            // Which layers are cut points depends on the network, known later: the caller
+            // checks the names.
+            Key::FromLayer => Ok(Value::Text(text.to_string())),
         }
     }
 }
@@ -219,6 +249,8 @@ pub enum Value {
     Flag(bool),
     Sizes(Vec<usize>),
     Activation(Activation),
+    /// A name (fine-tuning's cut layer).
+    Text(String),
 }
 
 impl Value {
@@ -229,6 +261,7 @@ impl Value {
             Value::Flag(v) => serde_json::json!(v),
             Value::Sizes(v) => serde_json::json!(v),
             Value::Activation(a) => serde_json::to_value(a).expect("a plain enum"),
+            Value::Text(t) => serde_json::json!(t),
         }
     }
 }
@@ -241,9 +274,37 @@ pub struct Setting {
     pub value: Value,
 }
 
-impl Setting {
-    fn apply(&self, params: &mut HeadParams) {
-        match (params, self.key, &self.value) {
+/// What a grid varies: a head's parameters ([`HeadParams`]) or a fine-tune's
+/// (`finetune::search::FineTunePoint`). Combinations, the ranking table and its JSON
+/// work the same for both.
+pub trait GridParams: Clone {
+    /// The keys this kind of parameters takes.
+    fn keys(&self) -> &'static [Key];
+    /// Its name in messages: "the logistic head".
+    fn what(&self) -> String;
+    /// Sets one value; `parse_grid` only pairs keys of [`GridParams::keys`] with values of
+    /// their kind.
+    fn apply(&mut self, setting: &Setting);
+    /// All parameters as a JSON object.
+    fn to_json(&self) -> serde_json::Value;
+}
+
+impl GridParams for HeadParams {
+    fn keys(&self) -> &'static [Key] {
+        Key::all_for(self)
+    }
+
+    fn what(&self) -> String {
+        format!("the {} head", self.kind())
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        HeadParams::to_json(self)
+    }
+
+    fn apply(&mut self, setting: &Setting) {
+        let (params, s) = (self, setting);
+        match (params, s.key, &s.value) {
             (HeadParams::Logistic(p), Key::Reg, Value::Number(v)) => p.reg = *v,
             (HeadParams::Logistic(p), Key::ElasticNet, Value::Number(v)) => p.elastic_net = *v,
             (HeadParams::Logistic(p), Key::MaxIter, Value::Count(v)) => p.max_iter = *v,
@@ -283,12 +344,12 @@ pub struct Grid {
 
 /// One point of the grid: its settings and the full parameters they give.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Combination {
+pub struct Combination<P = HeadParams> {
     pub settings: Vec<Setting>,
-    pub params: HeadParams,
+    pub params: P,
 }
 
-impl Combination {
+impl<P> Combination<P> {
     /// `reg=0.05 elastic-net=0`, or `(the flags' parameters)` for an empty grid.
     pub fn describe(&self) -> String {
         if self.settings.is_empty() {
@@ -330,11 +391,12 @@ fn split_list(list: &str) -> Vec<&str> {
     out
 }
 
-/// Parses `--grid KEY=V1,V2,...` arguments for the head type of `base`. Every problem (no `=`,
-/// unknown key or one of the other head type, a key given twice, an empty list or value, a
-/// bad or repeated value, too many combinations) is a one-line error naming the argument.
-pub fn parse_grid(specs: &[String], base: &HeadParams) -> Result<Grid, String> {
-    let keys = Key::all_for(base);
+/// Parses `--grid KEY=V1,V2,...` arguments for the kind of `base` (a head type, or
+/// fine-tuning). Every problem (no `=`, unknown key or one of another kind, a key given twice,
+/// an empty list or value, a bad or repeated value, too many combinations) is a one-line error
+/// naming the argument.
+pub fn parse_grid(specs: &[String], base: &impl GridParams) -> Result<Grid, String> {
+    let keys = base.keys();
     let known = || keys.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
     let mut grid = Grid::default();
     for spec in specs {
@@ -348,15 +410,15 @@ pub fn parse_grid(specs: &[String], base: &HeadParams) -> Result<Grid, String> {
             Some(k) if keys.contains(&k) => k,
             Some(_) => {
                 return Err(format!(
-                    "--grid {spec}: '{name}' is not a parameter of the {} head (it takes {})",
-                    base.kind(),
+                    "--grid {spec}: '{name}' is not a parameter of {} (it takes {})",
+                    base.what(),
                     known()
                 ));
             }
             None => {
                 return Err(format!(
-                    "--grid {spec}: unknown parameter '{name}' (the {} head takes {})",
-                    base.kind(),
+                    "--grid {spec}: unknown parameter '{name}' ({} takes {})",
+                    base.what(),
                     known()
                 ));
             }
@@ -411,7 +473,7 @@ pub fn parse_grid(specs: &[String], base: &HeadParams) -> Result<Grid, String> {
 impl Grid {
     /// Every combination, the first axis varying slowest (as nested loops in grid order).
     /// An empty grid gives one combination: `base` itself.
-    pub fn combinations(&self, base: &HeadParams) -> Vec<Combination> {
+    pub fn combinations<P: GridParams>(&self, base: &P) -> Vec<Combination<P>> {
         let mut out = vec![Combination {
             settings: Vec::new(),
             params: base.clone(),
@@ -422,7 +484,7 @@ impl Grid {
                 .flat_map(|c| {
                     axis.values.iter().map(move |s| {
                         let mut next = c.clone();
-                        s.apply(&mut next.params);
+                        next.params.apply(s);
                         next.settings.push(s.clone());
                         next
                     })
@@ -442,6 +504,16 @@ impl Grid {
 ///
 /// Errors when `folds < 2` or a class has fewer rows than folds (a fold would lack it).
 pub fn stratified_folds(labels: &[String], folds: usize, seed: u64) -> Result<Vec<usize>, String> {
+    stratified_folds_of(labels, folds, seed, "row")
+}
+
+/// [`stratified_folds`], its errors calling the things folded `unit`s ("image").
+pub fn stratified_folds_of(
+    labels: &[String],
+    folds: usize,
+    seed: u64,
+    unit: &str,
+) -> Result<Vec<usize>, String> {
     if folds < 2 {
         return Err(format!(
             "--folds {folds}: cross-validation needs at least 2 folds"
@@ -455,8 +527,8 @@ pub fn stratified_folds(labels: &[String], folds: usize, seed: u64) -> Result<Ve
         && rows.len() < folds
     {
         return Err(format!(
-            "--folds {folds}: class '{label}' has only {} row(s); every class needs at least \
-             one row per fold",
+            "--folds {folds}: class '{label}' has only {} {unit}(s); every class needs at least \
+             one {unit} per fold",
             rows.len()
         ));
     }
@@ -556,13 +628,26 @@ fn fit_and_score(data: &CvData, params: &HeadParams, f: usize) -> Result<FoldSco
     let k = data.classes.len();
     let (model, _, _) = head::fit(params, &fold.x_train, data.dim, &fold.y_train, k, |_| {})?;
     let probs = model.predict_proba(&fold.x_test, fold.y_test.len(), data.dim);
-    let eval = metrics::evaluate(&data.classes, &fold.y_test, &probs)?;
-    Ok(FoldScore {
-        accuracy: eval.accuracy,
-        f1: eval.weighted_f1,
-        log_loss: eval.log_loss,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    FoldScore::of(&data.classes, &fold.y_test, &probs, start)
+}
+
+impl FoldScore {
+    /// Scores held-out class probabilities (`truth.len() x classes`) as `evaluate` does;
+    /// `start` is when the fit began.
+    pub fn of(
+        classes: &[String],
+        truth: &[usize],
+        probs: &[f64],
+        start: Instant,
+    ) -> Result<FoldScore, String> {
+        let eval = metrics::evaluate(classes, truth, probs)?;
+        Ok(FoldScore {
+            accuracy: eval.accuracy,
+            f1: eval.weighted_f1,
+            log_loss: eval.log_loss,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// Runs every (combination, fold) pair in parallel on the current rayon pool and returns their
@@ -703,7 +788,7 @@ pub fn summarise(total: usize, folds: usize, results: &[FoldResult], metric: Met
 
 /// The ranking as an aligned text table: rank (the best marked `*`), one column per grid
 /// parameter, the metric's mean and standard deviation over the folds, seconds per fold.
-pub fn table(summary: &Summary, combinations: &[Combination]) -> String {
+pub fn table<P>(summary: &Summary, combinations: &[Combination<P>]) -> String {
     let metric = summary.metric.name();
     let keys: Vec<&str> = combinations
         .first()
@@ -768,7 +853,10 @@ pub fn table(summary: &Summary, combinations: &[Combination]) -> String {
 }
 
 /// The ranking as JSON: one object per finished combination, best first.
-pub fn results_json(summary: &Summary, combinations: &[Combination]) -> serde_json::Value {
+pub fn results_json<P: GridParams>(
+    summary: &Summary,
+    combinations: &[Combination<P>],
+) -> serde_json::Value {
     let number = |v: f64| {
         if v.is_finite() {
             serde_json::json!(v)
@@ -951,7 +1039,7 @@ mod tests {
             (&["hidden=[256,x]"], &mlp(), "not a list of layer sizes"),
         ];
         for (grid, base, needle) in cases {
-            let err = parse_grid(&specs(grid), base).unwrap_err();
+            let err = parse_grid(&specs(grid), *base).unwrap_err();
             assert!(err.contains(needle), "{grid:?}: '{needle}' not in '{err}'");
             assert!(err.starts_with("--grid"), "{err}");
             assert!(!err.contains('\n'), "{err}");

@@ -40,6 +40,51 @@ pub struct NetworkArgs {
     pub device: crate::device::DeviceChoice,
 }
 
+/// A cross-validated grid search: shared by `tune` (over a head's parameters) and `fine-tune`
+/// (over its own).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SearchFlags {
+    /// A parameter and the values to try: KEY=V1,V2,... (repeat for more parameters).
+    #[arg(long = "grid", value_name = "KEY=VALUES")]
+    pub grid: Vec<String>,
+
+    /// Cross-validation folds (stratified); every class needs at least this many rows
+    /// [default: 5].
+    #[arg(long, value_name = "K")]
+    pub folds: Option<usize>,
+
+    /// What ranks the combinations: weighted F1 (MLlib's default), accuracy, or log loss
+    /// [default: f1].
+    #[arg(long, value_enum)]
+    pub metric: Option<crate::tune::Metric>,
+
+    /// Print the results as one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SearchFlags {
+    pub const DEFAULT_FOLDS: usize = 5;
+
+    /// True when a search was asked for (a grid or a fold count).
+    pub fn given(&self) -> bool {
+        !self.grid.is_empty() || self.folds.is_some()
+    }
+
+    /// The fold count, refusing fewer than 2.
+    pub fn folds(&self) -> anyhow::Result<usize> {
+        let folds = self.folds.unwrap_or(Self::DEFAULT_FOLDS);
+        if folds < 2 {
+            anyhow::bail!("--folds {folds}: cross-validation needs at least 2 folds");
+        }
+        Ok(folds)
+    }
+
+    pub fn metric(&self) -> crate::tune::Metric {
+        self.metric.unwrap_or(crate::tune::Metric::F1)
+    }
+}
+
 /// Which network and weights: shared by the commands that load one.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct NetworkChoice {

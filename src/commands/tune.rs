@@ -31,23 +31,17 @@ grid take the flags' values; a grid value overrides its flag.
 
 The result depends only on the data, the grid and --seed (it seeds the folds and the MLP), not \
 on --threads. Ctrl-C stops the search and prints the combinations that finished every fold; \
-then no head is written and the exit code is 130.")]
+then no head is written and the exit code is 130.
+
+To search fine-tuning's settings (learning rates, cut layer, epochs) on images, give fine-tune \
+the same --grid, --folds and --metric flags (see fine-tune --help).")]
 pub struct Args {
     /// Training features (CSV or safetensors, as written by featurize or split).
     #[arg(value_name = "FEATURES")]
     pub input: PathBuf,
 
-    /// A parameter and the values to try: KEY=V1,V2,... (repeat for more parameters).
-    #[arg(long = "grid", value_name = "KEY=VALUES")]
-    pub grid: Vec<String>,
-
-    /// Cross-validation folds (stratified); every class needs at least this many rows.
-    #[arg(long, default_value_t = 5)]
-    pub folds: usize,
-
-    /// What ranks the combinations: weighted F1 (MLlib's default), accuracy, or log loss.
-    #[arg(long, value_enum, default_value = "f1")]
-    pub metric: Metric,
+    #[command(flatten)]
+    pub search: super::SearchFlags,
 
     /// Seed of the fold assignment and of the MLP (initialization, shuffling, dropout).
     #[arg(long, default_value_t = 0)]
@@ -56,10 +50,6 @@ pub struct Args {
     /// Train the best combination on all rows and write it here.
     #[arg(short = 'o', long = "output", value_name = "BEST_HEAD")]
     pub output: Option<PathBuf>,
-
-    /// Print the results as one JSON document instead of the table.
-    #[arg(long)]
-    pub json: bool,
 
     #[command(flatten)]
     pub head: HeadFlags,
@@ -111,14 +101,10 @@ fn on_ctrl_c(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 pub fn run(args: Args) -> anyhow::Result<Status> {
     super::set_threads(args.threads);
     let file = args.input.display().to_string();
-    if args.folds < 2 {
-        bail!(
-            "--folds {}: cross-validation needs at least 2 folds",
-            args.folds
-        );
-    }
+    let folds = args.search.folds()?;
+    let metric: Metric = args.search.metric();
     let base = args.head.params(args.seed);
-    let grid = tune::parse_grid(&args.grid, &base).map_err(anyhow::Error::msg)?;
+    let grid = tune::parse_grid(&args.search.grid, &base).map_err(anyhow::Error::msg)?;
     let combinations = Arc::new(grid.combinations(&base));
     if let Some(output) = &args.output {
         features::check_output_folder(output)?;
@@ -127,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
 
     let table = Arc::new(features::read_features(&args.input)?);
     let (classes, y) = train_head::classes_of(&table, &args.input)?;
-    let fold_of = tune::stratified_folds(&table.labels, args.folds, args.seed)
+    let fold_of = tune::stratified_folds(&table.labels, folds, args.seed)
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
     // Before the search, so that a missing provenance fails now and not after an hour.
     let meta = match &args.output {
@@ -144,12 +130,12 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         &y,
         classes.clone(),
         &fold_of,
-        args.folds,
+        folds,
     ));
 
     let stop = Arc::new(AtomicBool::new(false));
     on_ctrl_c(stop.clone())?;
-    let total = combinations.len() * args.folds;
+    let total = combinations.len() * folds;
     let bar = super::progress_bar(
         total as u64,
         args.quiet,
@@ -176,14 +162,14 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
     bar.finish_and_clear();
     let interrupted = results.is_none();
     let results = results.unwrap_or_else(|| finished.lock().expect("no panic holds it").clone());
-    let summary = tune::summarise(combinations.len(), args.folds, &results, args.metric);
+    let summary = tune::summarise(combinations.len(), folds, &results, metric);
 
-    if args.json {
+    if args.search.json {
         let doc = serde_json::json!({
             "input": file,
             "head": base.kind(),
-            "metric": args.metric.name(),
-            "folds": args.folds,
+            "metric": metric.name(),
+            "folds": folds,
             "seed": args.seed,
             "rows": table.len(),
             "classes": classes,
@@ -205,7 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
              partly done) are not shown{}",
             summary.ranked.len(),
             summary.total,
-            args.folds,
+            folds,
             summary.total - summary.ranked.len(),
             summary.incomplete,
             match &args.output {
@@ -227,8 +213,8 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         crate::note!(
             "best of {} combinations by {}-fold {}: {} ({:.4} ± {:.4})",
             summary.total,
-            args.folds,
-            args.metric.name(),
+            folds,
+            metric.name(),
             winner.describe(),
             best.mean,
             best.std
