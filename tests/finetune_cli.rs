@@ -269,3 +269,221 @@ fn a_model_file_is_refused_with_weights_of_another_network() {
         "holds mobilenet_v1 weights",
     );
 }
+
+/// `fine-tune --grid` on 6 photos per class of 2 classes, cut at Lite0's last stage ends, one
+/// epoch, 2 folds: every fit takes a fraction of a second. Batches of 2 give each fit a few
+/// steps, enough for the grid's learning rates to score differently.
+fn search(images: &Path, cache: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = dltool();
+    cmd.arg("fine-tune")
+        .arg(images)
+        .arg("--weights")
+        .arg(lite0())
+        .arg("--cache-dir")
+        .arg(cache)
+        .args([
+            "--from-layer",
+            "block14",
+            "--epochs",
+            "1",
+            "--folds",
+            "2",
+            "--train-batch",
+            "2",
+            "--seed",
+            "3",
+        ])
+        .args(extra);
+    cmd
+}
+
+/// The table's data rows: (marked best, grid cells, mean).
+fn ranked_rows(stdout: &str) -> Vec<(bool, Vec<String>, f64)> {
+    let mut lines = stdout.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    assert_eq!(header[0], "rank", "{stdout}");
+    lines
+        .map(|l| {
+            let best = l.trim_start().starts_with('*');
+            let cells: Vec<String> = l
+                .trim_start_matches([' ', '*'])
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            let mean = cells[cells.len() - 3].parse().expect("a mean");
+            (best, cells[1..cells.len() - 3].to_vec(), mean)
+        })
+        .collect()
+}
+
+#[test]
+fn grid_search_ranks_points_over_folds_shares_the_cache_and_writes_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "sunflowers"], 0, 6);
+    let cache = dir.path().join("cache");
+    let best = dir.path().join("best.safetensors");
+    let out = run(search(&images, &cache, &["--grid", "head-lr=0.001,0.03", "-o"]).arg(&best));
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let header = stdout.lines().next().unwrap();
+    assert!(
+        header.contains("head-lr") && header.contains("f1 mean"),
+        "{stdout}"
+    );
+    let rows = ranked_rows(&stdout);
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[0].0 && !rows[1].0, "the best first, marked: {stdout}");
+    assert!(
+        rows[0].2 > rows[1].2,
+        "sorted by mean, and the grid matters: {stdout}"
+    );
+    let mut points: Vec<&str> = rows.iter().map(|r| r.1[0].as_str()).collect();
+    points.sort();
+    assert_eq!(points, ["0.001", "0.03"], "{stdout}");
+    // One progress line per (point, fold), and the cut's activations computed once for
+    // both points, both folds and the final fit.
+    for n in 1..=4 {
+        assert!(stderr.contains(&format!("[{n}/4] head-lr=")), "{stderr}");
+    }
+    assert!(!stderr.contains("[5/4]"), "{stderr}");
+    assert_eq!(
+        stderr.matches("activations at block14").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("0 reused, 12 computed"), "{stderr}");
+    assert!(
+        stderr.contains("best of 2 combinations by 2-fold f1"),
+        "{stderr}"
+    );
+
+    // The best point, refit on all 12 photos: a model like `fine-tune -o` writes.
+    let head = Head::load(&best).unwrap();
+    let HeadModel::FineTuned { model, params } = &head.model else {
+        panic!("not a fine-tuned model: {}", head.model.kind());
+    };
+    assert_eq!(model.report.train_images + model.report.val_images, 12);
+    assert_eq!(params.head_lr.to_string(), rows[0].1[0], "the best point's");
+    let predictions = ok(dltool()
+        .arg("predict")
+        .arg(&best)
+        .arg(&images)
+        .arg("--weights")
+        .arg(lite0())
+        .arg("-q"));
+    assert_eq!(predictions.lines().skip(1).count(), 12, "{predictions}");
+
+    // Two cut layers: each cached once (block14 from the first run), the same JSON shape as
+    // `tune`'s.
+    let out = run(&mut search(
+        &images,
+        &cache,
+        &["--grid", "from-layer=block14,block15", "--json"],
+    ));
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("12 reused, 0 computed"), "{stderr}");
+    assert_eq!(
+        stderr.matches("activations at block15").count(),
+        1,
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["head"], "fine-tuned");
+    assert_eq!(v["network"], "efficientnet_lite0");
+    assert_eq!(
+        (v["folds"].as_u64(), v["images"].as_u64()),
+        (Some(2), Some(12))
+    );
+    assert_eq!(v["classes"], serde_json::json!(["daisy", "sunflowers"]));
+    assert_eq!(
+        (v["combinations"].as_u64(), v["finished"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(v["interrupted"], false);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let mut layers = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["rank"], i + 1);
+        let scores: Vec<f64> = r["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_f64().unwrap())
+            .collect();
+        assert_eq!(scores.len(), 2, "{r}");
+        let mean = r["mean"].as_f64().unwrap();
+        assert!((mean - (scores[0] + scores[1]) / 2.0).abs() < 1e-12, "{r}");
+        assert!(r["std"].as_f64().unwrap() >= 0.0);
+        assert_eq!(r["folds"].as_array().unwrap().len(), 2);
+        assert_eq!(r["params"]["from_layer"], r["grid"]["from-layer"]);
+        assert_eq!(r["params"]["epochs"], 1);
+        layers.push(r["grid"]["from-layer"].as_str().unwrap().to_string());
+    }
+    layers.sort();
+    assert_eq!(layers, ["block14", "block15"]);
+    assert_eq!(v["best"], results[0]["grid"]);
+}
+
+#[test]
+fn bad_grid_searches_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = flowers(&dir.path().join("img"), &["daisy", "roses"], 0, 3);
+    let cache = dir.path().join("cache");
+    fails_with(
+        &mut search(&images, &cache, &["--grid", "reg=0.1"]),
+        "--grid reg=0.1: 'reg' is not a parameter of fine-tuning (it takes lr, head-lr, \
+         from-layer, epochs, weight-decay, dropout, train-batch, patience, validation-fraction)",
+    );
+    fails_with(
+        &mut search(&images, &cache, &["--grid", "lr=1e-4,fast"]),
+        "--grid lr=1e-4,fast: 'fast' is not a number",
+    );
+    fails_with(
+        &mut search(&images, &cache, &["--grid", "from-layer=block14,block13"]),
+        "--grid from-layer: 'block13' is not a fine-tuning cut point of efficientnet_lite0 \
+         (cut points: block0,",
+    );
+    fails_with(
+        &mut search(&images, &cache, &["--grid", "validation-fraction=0,0.2"]),
+        "--validation-fraction must be in (0, 1), not 0",
+    );
+    // 3 photos a class cannot fill 4 folds.
+    let lite0 = lite0();
+    fails_with(
+        &mut fine_tune(
+            &images,
+            &dir.path().join("m"),
+            &cache,
+            &[
+                "--weights",
+                lite0.to_str().unwrap(),
+                "--grid",
+                "lr=1e-4",
+                "--folds",
+                "4",
+            ],
+        ),
+        "--folds 4: class 'daisy' has only 3 image(s); every class needs at least one image per fold",
+    );
+    let features = dir.path().join("train.safetensors");
+    std::fs::write(&features, b"features, not photos").unwrap();
+    fails_with(
+        &mut search(&features, &cache, &["--grid", "lr=1e-4"]),
+        "train.safetensors: a features file; fine-tune trains on images",
+    );
+    fails_with(
+        &mut fine_tune(&images, &dir.path().join("m"), &cache, &["--json"]),
+        "--json and --metric report a search: give --grid (or --folds) with them",
+    );
+    // Without a search there is nothing to rank: -o is required.
+    let out = run(dltool().arg("fine-tune").arg(&images));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--output <MODEL>"),
+        "clap names the missing -o"
+    );
+    assert!(!cache.exists(), "nothing ran");
+}

@@ -14,18 +14,21 @@
 
 pub mod cache;
 pub mod lite;
+pub mod search;
 pub mod top;
 pub mod train;
 
-use crate::backbone::{Backbone, BackboneKind};
+use crate::backbone::{Backbone, BackboneKind, BackboneOptions};
 use crate::backbones::efficientnet_lite::{HEAD, LITE0, LITE2, LiteLayer, LiteSpec};
 use crate::featurize::{self, Outcome};
 use crate::inception_v3::Layer;
 use crate::inputs::Input;
 use crate::journal::FileStamp;
 use cache::{ActivationCache, VIEWS};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use top::Pretrained;
 
 pub use top::FineTunedNet;
 pub use train::{EpochReport, FineTuneParams, StepReport, TrainReport};
@@ -51,6 +54,41 @@ pub enum FineTuneError {
     Diverged { epoch: usize, loss: f64 },
     #[error("interrupted before the first epoch finished: no model to keep")]
     Interrupted,
+    /// Images that cannot be trained on: unlabelled, one class, a class too small.
+    #[error("{0}")]
+    Classes(String),
+}
+
+/// Images per class of `labels` (of the images `what` names), refusing what cannot be
+/// trained and validated: an unlabelled image, one class, a class too small to give both the
+/// training and the validation split an image.
+pub fn check_classes<'a>(
+    labels: impl Iterator<Item = &'a str>,
+    what: &str,
+) -> Result<BTreeMap<String, usize>, FineTuneError> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for l in labels {
+        if l.is_empty() {
+            return Err(FineTuneError::Classes(format!(
+                "{what}: an image has no label (images directly in the folder given); put each \
+                 class in its own subfolder"
+            )));
+        }
+        *counts.entry(l.to_string()).or_default() += 1;
+    }
+    if counts.len() < 2 {
+        return Err(FineTuneError::Classes(format!(
+            "{what}: only one class ({}): a classifier needs at least two",
+            counts.keys().next().map(String::as_str).unwrap_or("none")
+        )));
+    }
+    if let Some((class, n)) = counts.iter().find(|(_, n)| **n < 2) {
+        return Err(FineTuneError::Classes(format!(
+            "{what}: class '{class}' has {n} image(s); the validation split needs at least 2 per \
+             class (one to train on, one to validate)"
+        )));
+    }
+    Ok(counts)
 }
 
 /// Where a network is cut: the frozen part ends at this layer, the trainable top starts above.
@@ -283,6 +321,169 @@ pub fn fill(
     }
     cache.select(&selected);
     Ok(report)
+}
+
+/// A network cut at one layer, its activation cache and the pretrained weights above the cut:
+/// what every fine-tune at that cut starts from (one per `fine-tune` run, one per cut layer of
+/// a search, shared by its grid points and folds).
+pub struct Prepared {
+    pub cut: Cut,
+    /// The frozen network up to the cut (`pool none`).
+    pub backbone: Backbone,
+    pub cache: ActivationCache,
+    pretrained: Pretrained,
+    /// InceptionV3's block layout; `None` for other networks.
+    variant: Option<crate::inception_v3::BlockVariant>,
+}
+
+impl Prepared {
+    /// Loads the network in `weights` (of `kind`, with `opts`' variant and preprocessing) cut
+    /// at `cut`, and opens the cut's cache under `cache_root`, holding at most `memory_limit`
+    /// bytes of activations in memory.
+    pub fn open(
+        weights: &Path,
+        kind: BackboneKind,
+        opts: &BackboneOptions,
+        cut: Cut,
+        cache_root: &Path,
+        memory_limit: u64,
+        device: burn::prelude::Device,
+    ) -> anyhow::Result<Prepared> {
+        let opts = BackboneOptions {
+            pool: crate::backbone::Pool::None,
+            tta: crate::backbone::Tta::None,
+            layer: Some(cut.layer()),
+            ..opts.clone()
+        };
+        let backbone = Backbone::load_file(weights, kind, &opts, device)?;
+        let cache = ActivationCache::open(
+            cache_root,
+            &backbone.meta,
+            &backbone.preprocess,
+            backbone.dim(),
+            memory_limit,
+        )?;
+        let flex = burn::prelude::Device::flex();
+        let (pretrained, variant) = match cut {
+            Cut::Inception(_) => {
+                let variant = opts
+                    .variant
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?;
+                let (model, loaded) =
+                    crate::inception_v3::load(&backbone.weights_path, variant, &flex)?;
+                (
+                    Pretrained::Inception(Box::new(model)),
+                    Some(loaded.config.variant),
+                )
+            }
+            Cut::Lite { spec, .. } => (
+                Pretrained::Lite(Box::new(
+                    crate::backbones::efficientnet_lite::FoldedLite::load(
+                        &backbone.weights_path,
+                        Some(spec.name),
+                    )?,
+                )),
+                None,
+            ),
+        };
+        Ok(Prepared {
+            cut,
+            backbone,
+            cache,
+            pretrained,
+            variant,
+        })
+    }
+
+    /// Caches every view of `inputs` not cached yet and selects them (see [`fill`]).
+    pub fn fill(
+        &mut self,
+        inputs: &[Input],
+        batch_size: usize,
+        max_pixels: u64,
+        stop: &AtomicBool,
+        on_image: impl FnMut(),
+    ) -> anyhow::Result<FillReport> {
+        fill(
+            &mut self.cache,
+            &self.backbone,
+            inputs,
+            batch_size,
+            max_pixels,
+            stop,
+            on_image,
+        )
+    }
+
+    /// Trains a fresh copy of the pretrained top and a new classifier on `images` (indices
+    /// into the cache's selection) with the class index of each selected image in `labels`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train(
+        &mut self,
+        images: &[usize],
+        labels: &[usize],
+        classes: usize,
+        params: &FineTuneParams,
+        stop: &AtomicBool,
+        on_step: impl FnMut(StepReport),
+        on_epoch: impl FnMut(&EpochReport),
+    ) -> Result<(FineTunedNet, TrainReport), FineTuneError> {
+        let net = FineTunedNet::from_pretrained(
+            self.pretrained.clone(),
+            self.cut,
+            classes,
+            &burn::prelude::Device::flex(),
+        )?;
+        train::train(
+            net,
+            &mut self.cache,
+            self.cut.shape(),
+            images,
+            labels,
+            classes,
+            params,
+            stop,
+            on_step,
+            on_epoch,
+        )
+    }
+
+    /// The model file of a trained top: a head of kind `fine-tuned` whose features are the
+    /// cut's activations, recording the frozen part by its weights' SHA-256.
+    pub fn head(
+        &self,
+        net: FineTunedNet,
+        report: TrainReport,
+        params: FineTuneParams,
+        classes: Vec<String>,
+    ) -> crate::head::Head {
+        let training = crate::head::TrainingSummary {
+            rows: report.train_images,
+            train_accuracy: f64::NAN,
+            iterations: report.epochs_run,
+            converged: !report.interrupted,
+        };
+        crate::head::Head {
+            feature_dim: self.backbone.dim(),
+            model: crate::head::HeadModel::FineTuned {
+                model: Box::new(top::FineTuned {
+                    net,
+                    cut: self.cut,
+                    variant: self.variant,
+                    report,
+                }),
+                params,
+            },
+            classes,
+            provenance: self.backbone.meta.clone(),
+            preprocess: Some(self.backbone.preprocess),
+            dltool_version: env!("CARGO_PKG_VERSION").to_string(),
+            training,
+        }
+    }
 }
 
 /// Ctrl-C while filling the cache.

@@ -41,6 +41,7 @@ pub struct FineTunedNet {
 pub const INCEPTION_POOLED: usize = 2048;
 
 /// The pretrained weights of the part that trains.
+#[derive(Clone)]
 pub enum Pretrained {
     Inception(Box<inception_v3::InceptionV3>),
     Lite(Box<FoldedLite>),

@@ -135,15 +135,17 @@ pub fn split(
     crate::mlp::validation_split(labels, classes, fraction, seed)
 }
 
-/// Fine-tunes `net` on the cached activations of the selected images of `cache` (class index
-/// per image in `labels`). `stop` (Ctrl-C) ends training after the current step; the best
-/// model by validation loss among the finished epochs is returned, or `Interrupted` when none
-/// finished.
+/// Fine-tunes `net` on the cached activations of `images` (indices into the selection of
+/// `cache`; class index per selected image in `labels`): the validation split is taken from
+/// these images alone, so cross-validation can hold a fold out. `stop` (Ctrl-C) ends training
+/// after the current step; the best model by validation loss among the finished epochs is
+/// returned, or `Interrupted` when none finished.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     net: FineTunedNet,
     cache: &mut ActivationCache,
     shape: [usize; 3],
+    images: &[usize],
     labels: &[usize],
     classes: usize,
     params: &FineTuneParams,
@@ -152,8 +154,10 @@ pub fn train(
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<(FineTunedNet, TrainReport), FineTuneError> {
     params.check()?;
-    let (train_images, val_images) =
-        split(labels, classes, params.validation_fraction, params.seed);
+    let subset: Vec<usize> = images.iter().map(|&i| labels[i]).collect();
+    let (train_at, val_at) = split(&subset, classes, params.validation_fraction, params.seed);
+    let train_images: Vec<usize> = train_at.into_iter().map(|p| images[p]).collect();
+    let val_images: Vec<usize> = val_at.into_iter().map(|p| images[p]).collect();
     if val_images.is_empty() || train_images.is_empty() {
         return Err(FineTuneError::Params(
             "too few images for a validation split".into(),
