@@ -88,8 +88,8 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "NAME")]
     pub backbone: Option<BackboneKind>,
 
-    /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers need it
-    /// in safetensors.
+    /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers read the
+    /// same file (safetensors or a PyTorch .pth).
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
