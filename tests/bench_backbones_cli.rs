@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{dltool, fails_with, ok, shared_dir};
+use common::{dltool, fails_with, ok, run, shared_dir};
 
 fn bench(backbone: &str, mode: &str) -> serde_json::Value {
     // Without $DLTOOL_WEIGHTS (the shared InceptionV3, which any network would find first),
@@ -65,5 +65,38 @@ fn bench_of_a_network_without_weights_is_one_line() {
             .args(["bench", "--backbone", "resnet50", "--no-peers", "--dir"])
             .arg(shared_dir().join("flowers")),
         "resnet50",
+    );
+}
+
+#[test]
+fn bench_looks_for_the_peers_of_every_network_they_build() {
+    // No venv here: for EfficientNet-Lite0 bench looks for the peers' Python (the peers build
+    // it), for MobileNet v1 it says the peers have no such network.
+    let peers_of = |backbone: &str| {
+        let out = run(dltool()
+            .env_remove("DLTOOL_WEIGHTS")
+            .args([
+                "bench",
+                "--images=1",
+                "--repeat=1",
+                "--batch=1",
+                "--threads=1",
+                "--mode=network",
+                "--python=/nonexistent/bench-venv/bin/python",
+                "--json",
+            ])
+            .arg(format!("--backbone={backbone}"))
+            .arg("--dir")
+            .arg(shared_dir().join("flowers")));
+        assert!(out.status.success(), "bench --backbone {backbone} failed");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let lite = peers_of("efficientnet_lite0");
+    assert!(lite.contains("no Python for the peers"), "{lite}");
+    assert!(!lite.contains("the peers have no"), "{lite}");
+    let mobilenet = peers_of("mobilenet_v1");
+    assert!(
+        mobilenet.contains("the peers have no MobileNet v1"),
+        "{mobilenet}"
     );
 }

@@ -1,8 +1,9 @@
 """What the peer benchmarks share: the image list, PIL preprocessing, batching, the golden
 check, the two timed modes and the one-line JSON result.
 
-A peer module supplies `forward(x) -> features` for a float32 [B, 3, 299, 299] batch; `main`
-does the rest, so the PyTorch and ONNX Runtime peers differ only in the network call.
+A peer module supplies `forward(x) -> features` for a float32 [B, 3, H, W] batch (H, W from
+--preprocess); `main` does the rest, so the PyTorch and ONNX Runtime peers differ only in the
+network call.
 """
 
 import argparse
@@ -29,13 +30,19 @@ def parse_args(description):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=32, help="use the first N images of the sorted list")
     p.add_argument("--dir", required=True, help="image folder, walked recursively in name order")
-    p.add_argument("--weights", required=True, help="inception_v3_tf2015.safetensors")
+    p.add_argument(
+        "--network",
+        default="inception_v3",
+        help="dltool's --backbone name of the network (inception_v3, efficientnet_lite0, "
+        "efficientnet_lite2, resnet50, vgg16, vgg19, xception) [default: inception_v3]",
+    )
+    p.add_argument("--weights", required=True, help="the weight file dltool runs (.safetensors or .pth)")
     p.add_argument("--golden", help="golden net.safetensors (input -> pool) to check the network against")
     p.add_argument("--out", help="e2e: features .npy to write [default: a temporary file, removed]")
     p.add_argument(
         "--preprocess",
-        help="dltool's preprocessing spec (WxH_stretch|crop_RGB|BGR_meanA,B,C_stdA,B,C) "
-        "[default: InceptionV3's, 299x299 stretched, x/128 - 1]",
+        help="dltool's preprocessing spec (WxH_stretch|crop_RGB|BGR_meanA,B,C_stdA,B,C), which "
+        "dltool bench passes for every network [default: InceptionV3's, 299x299 stretched, x/128 - 1]",
     )
     args = p.parse_args()
     if args.preprocess:

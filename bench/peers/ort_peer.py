@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""ONNX Runtime peer of `dltool featurize`: torch_peer.py's module exported to ONNX once (cached
-by the weights' SHA-256), or the --weights MODEL.onnx file itself, then run on the CPU provider with intra_op_num_threads = --threads,
-inter_op 1, sequential execution, every graph optimisation and no spin-waiting.
+"""ONNX Runtime peer of `dltool featurize`: torch_peer.py's module for --network exported to ONNX
+once (cached by network, input size and the weights' SHA-256), or the --weights MODEL.onnx file
+itself, then run on the CPU provider with intra_op_num_threads = --threads, inter_op 1,
+sequential execution, every graph optimisation and no spin-waiting.
 
 torch is imported only when the cached model is missing, so a timed run's memory is
 ONNX Runtime's alone.
@@ -33,11 +34,12 @@ def sha256(path):
     return h.hexdigest()
 
 
-def exported_model(weights):
+def exported_model(network, weights):
     # An ONNX model (`dltool bench --weights MODEL.onnx`) runs as it is.
     if weights.endswith(".onnx"):
         return weights
-    path = os.path.join(cache_dir(), f"inception_v3_tf2015-{sha256(weights)[:16]}-opset{OPSET}.onnx")
+    w, h = common.PRE["size"]
+    path = os.path.join(cache_dir(), f"{network}-{w}x{h}-{sha256(weights)[:16]}-opset{OPSET}.onnx")
     if os.path.isfile(path):
         return path
     import torch
@@ -45,7 +47,7 @@ def exported_model(weights):
     import torch_peer
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    model = torch_peer.build_model(weights)
+    model = torch_peer.build_model(network, weights)
     tmp = f"{path}.tmp-{os.getpid()}"
     # The TorchScript exporter: it needs no package beyond torch and onnx (the torch.export
     # one wants onnxscript too); it warns that it is the legacy path, which is known.
@@ -53,7 +55,7 @@ def exported_model(weights):
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model,
-            (torch.zeros(1, 3, common.SIZE, common.SIZE),),
+            (torch.zeros(1, 3, h, w),),
             tmp,
             input_names=["input"],
             output_names=["pool"],
@@ -69,7 +71,7 @@ def exported_model(weights):
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
-    model = exported_model(args.weights)
+    model = exported_model(args.network, args.weights)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""PyTorch peer of `dltool featurize`: the tf2015 InceptionV3 (pytorch-fid's FID blocks) from
-the shared safetensors, eval mode, inference_mode, 2048-d average-pooled features.
+"""PyTorch peer of `dltool featurize`: the network --network names (default the tf2015 InceptionV3)
+from the same weight file dltool runs, eval mode, inference_mode, features at dltool's default layer.
 
-The block definitions follow pytorch-fid's FIDInceptionA/C/E_1/E_2 over torchvision's layout:
-3x3 average pools inside the Mixed blocks exclude padding, and Mixed_7c's pool branch is a 3x3
-max pool. The module is written out here (not imported from torchvision) so the peer needs no
-package beyond torch, and so ort_peer.py exports exactly this module.
+InceptionV3 is defined here: pytorch-fid's FIDInceptionA/C/E_1/E_2 over torchvision's layout
+(3x3 average pools inside the Mixed blocks exclude padding, and Mixed_7c's pool branch is a 3x3
+max pool). The other networks (EfficientNet-Lite0/2, ResNet-50, VGG16/19, Xception) are in
+nets.py. All are written out in plain torch (not imported from torchvision or timm) so the peer
+needs no package beyond torch, and so ort_peer.py exports exactly these modules.
 """
 
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common  # noqa: E402
+import nets  # noqa: E402
 
 
 class BasicConv2d(nn.Module):
@@ -176,13 +178,24 @@ class InceptionV3Tf2015(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-def build_model(weights):
-    """The network with the shared weights, in eval mode; every tensor must match by name."""
-    from safetensors.torch import load_file
+def load_state(weights):
+    """A state dict from safetensors or a PyTorch .pth (tensors only)."""
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
-    model = InceptionV3Tf2015()
-    state = load_file(weights)
-    # num_batches_tracked is bookkeeping for training; the file does not carry it.
+        return load_file(weights)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def build_model(network, weights):
+    """`network` with the weights of `weights`, in eval mode; every tensor must match by name
+    and shape. Exits for a network the peers do not have."""
+    model = InceptionV3Tf2015() if network == "inception_v3" else nets.make(network)
+    if model is None:
+        raise SystemExit(f"the peers have no {network}")
+    state = load_state(weights)
+    # num_batches_tracked is bookkeeping for training; not every file carries it.
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -194,7 +207,7 @@ def main():
     args = common.parse_args(__doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    model = build_model(args.weights)
+    model = build_model(args.network, args.weights)
 
     def forward(x):
         with torch.inference_mode():

@@ -52,8 +52,10 @@ layer: 11.4 G for InceptionV3, tools/flop_counts.py) against the FP32 peak this 
 reaches with an FMA loop on the same number of threads.
 
 --backbone picks the network (default InceptionV3); its weights default to the shared ones \
-where ../shared has them, and its golden file likewise. The peers run InceptionV3 only: for \
-another network dltool runs alone.")]
+where ../shared has them, and its golden file likewise. The peers build the same network from \
+the same weight file with dltool's preprocessing for it (InceptionV3, EfficientNet-Lite0/2, \
+ResNet50, VGG16/19, Xception; MobileNet v1 runs dltool alone), and with an e2e mode the \
+table is followed by the cosine of each peer's features against dltool's, image by image.")]
 pub struct Args {
     /// Image folder, walked like `dltool featurize DIR` [default: $DLTOOL_SHARED/flowers,
     /// else ../shared/flowers].
@@ -86,8 +88,8 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "NAME")]
     pub backbone: Option<BackboneKind>,
 
-    /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers need it
-    /// in safetensors.
+    /// Weight file [default: as for featurize, then $DLTOOL_SHARED/weights]; the peers read the
+    /// same file (safetensors or a PyTorch .pth).
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
 
@@ -261,6 +263,18 @@ fn shared_files(network: &str) -> (Option<&'static str>, Option<&'static str>) {
     }
 }
 
+/// The built-in networks the peers (bench/peers/torch_peer.py, nets.py) can build from dltool's
+/// weight file; MobileNet v1's TF.js files they cannot read.
+const PEER_NETWORKS: &[&str] = &[
+    "inception_v3",
+    "efficientnet_lite0",
+    "efficientnet_lite2",
+    "resnet50",
+    "vgg16",
+    "vgg19",
+    "xception",
+];
+
 /// The largest max |features - pool| the worker accepts before timing: the CPU engine stays
 /// near 1e-5 on pooled values up to ~17 (README), so this only catches a broken network.
 const GOLDEN_TOLERANCE: f64 = 1e-3;
@@ -348,6 +362,8 @@ struct Setup {
     images: usize,
     weights: PathBuf,
     golden: Option<PathBuf>,
+    /// A built-in network's resolved preprocessing (`Preprocess::spec`), for the peers.
+    preprocess: Option<String>,
     /// For an ONNX model: the flags that say how it is fed (to dltool's children) and the
     /// resolved preprocessing (to the peers).
     onnx: Option<OnnxSetup>,
@@ -445,8 +461,9 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
     // Loaded here once: a wrong file fails before any child runs, and its provenance (the
     // width of a MobileNet) says which FLOP count applies.
     // (An ONNX model's FLOP count is not known.)
-    let flop = if onnx.is_some() {
-        None
+    // It also gives the peers the network's resolved preprocessing.
+    let (flop, preprocess) = if onnx.is_some() {
+        (None, None)
     } else {
         let network = Backbone::load(
             &BackboneOptions {
@@ -456,7 +473,10 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             },
             Device::flex(),
         )?;
-        bench::flop_per_image(&network.meta.backbone)
+        (
+            bench::flop_per_image(&network.meta.backbone),
+            Some(network.preprocess.spec()),
+        )
     };
 
     // Every tool reads the same N files: a folder of links to them, walked by all alike.
@@ -493,16 +513,18 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
         images: list.len(),
         weights,
         golden,
+        preprocess,
         onnx,
     };
 
-    let tools = if setup.onnx.is_some() || spec.name == crate::backbones::default_spec().name {
+    let tools = if setup.onnx.is_some() || PEER_NETWORKS.contains(&spec.name) {
         find_tools(args, setup.onnx.is_some())
     } else {
         if !args.no_peers {
             crate::note!(
-                "bench: the peers run InceptionV3 only; measuring {} with dltool alone",
-                spec.title
+                "bench: the peers have no {} (they build {}); measuring it with dltool alone",
+                spec.title,
+                PEER_NETWORKS.join(", ")
             );
         }
         vec![Tool::Dltool]
@@ -585,6 +607,13 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
     }
 
     let rows = summarize(&configs, &tools, &samples, &peaks, flop);
+    // The last e2e run of each tool left its features in out_dir: the same images, in the same
+    // order, through the same network.
+    let cosines = if args.mode.contains(&Mode::E2e) {
+        feature_cosines(&setup.out_dir, &tools, &active)
+    } else {
+        BTreeMap::new()
+    };
     if args.json {
         let out = serde_json::json!({
             "cpu": bench::cpu_model(),
@@ -597,6 +626,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             "flop_per_image": flop,
             "peak_fp32": peaks.values().collect::<Vec<_>>(),
             "golden_max_abs_diff": golden_diffs,
+            "feature_cosine": cosines,
             "rows": rows,
         });
         crate::outln!("{}", serde_json::to_string_pretty(&out)?)?;
@@ -609,6 +639,7 @@ fn driver(args: &Args) -> anyhow::Result<Status> {
             args.repeat,
             &peaks,
             &golden_diffs,
+            &cosines,
             &rows,
         )?;
     }
@@ -736,6 +767,11 @@ fn run_once(
                 .arg(setup.out_dir.join(format!("{name}.npy")));
             if let Some(o) = &setup.onnx {
                 cmd.arg(format!("--preprocess={}", o.spec));
+            } else {
+                cmd.arg(format!("--network={}", setup.backbone));
+                if let Some(p) = &setup.preprocess {
+                    cmd.arg(format!("--preprocess={p}"));
+                }
             }
             if let Some(g) = &setup.golden {
                 cmd.arg("--golden").arg(g);
@@ -777,6 +813,138 @@ fn run_once(
         },
         report.golden_max_abs_diff,
     ))
+}
+
+/// Cosine similarity of a peer's features with dltool's, image by image.
+#[derive(Debug, Clone, Serialize)]
+struct Cosine {
+    images: usize,
+    dim: usize,
+    min: f64,
+    mean: f64,
+    /// max |peer - dltool| over all features, and max |dltool| for its scale.
+    max_abs_diff: f64,
+    max_abs: f64,
+}
+
+/// For each active peer, the cosine of the features its last e2e run wrote (`NAME.npy`) with
+/// those of dltool's (`dltool.safetensors`); a file that is missing or of another shape is a
+/// note, not a failure (the speed figures stand without it).
+fn feature_cosines(out_dir: &Path, tools: &[Tool], active: &[bool]) -> BTreeMap<String, Cosine> {
+    let mut out = BTreeMap::new();
+    let dltool = match crate::features::read_features(&out_dir.join("dltool.safetensors")) {
+        Ok(t) => t,
+        Err(e) => {
+            crate::note!("bench: cannot compare features: {e}");
+            return out;
+        }
+    };
+    for (tool, &on) in tools.iter().zip(active) {
+        let Tool::Peer { name, .. } = tool else {
+            continue;
+        };
+        if !on {
+            continue;
+        }
+        let path = out_dir.join(format!("{name}.npy"));
+        let (shape, data) = match read_npy_f32(&path) {
+            Ok(v) => v,
+            Err(e) => {
+                crate::note!("bench: cannot compare {name}'s features: {e:#}");
+                continue;
+            }
+        };
+        if shape != [dltool.len(), dltool.dim] {
+            crate::note!(
+                "bench: {name}'s features are {shape:?}, dltool's [{}, {}]: not the same layer",
+                dltool.len(),
+                dltool.dim
+            );
+            continue;
+        }
+        let cos: Vec<f64> = dltool
+            .data
+            .chunks_exact(dltool.dim)
+            .zip(data.chunks_exact(dltool.dim))
+            .map(|(a, b)| cosine(a, b))
+            .collect();
+        out.insert(
+            name.clone(),
+            Cosine {
+                images: cos.len(),
+                dim: dltool.dim,
+                min: cos.iter().copied().fold(f64::INFINITY, f64::min),
+                mean: cos.iter().sum::<f64>() / cos.len() as f64,
+                max_abs_diff: dltool
+                    .data
+                    .iter()
+                    .zip(&data)
+                    .map(|(a, b)| f64::from((a - b).abs()))
+                    .fold(0.0, f64::max),
+                max_abs: dltool
+                    .data
+                    .iter()
+                    .map(|a| f64::from(a.abs()))
+                    .fold(0.0, f64::max),
+            },
+        );
+    }
+    out
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// A C-order little-endian float32 `.npy` file (what the peers write with `np.save`): its
+/// shape and values.
+fn read_npy_f32(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown .npy version")),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
+        return Err(bad("not C-order little-endian float32"));
+    }
+    let shape: Vec<usize> = header
+        .split_once("'shape': (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .and_then(|(dims, _)| {
+            dims.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse().ok())
+                .collect::<Option<Vec<usize>>>()
+        })
+        .ok_or_else(|| bad("no shape in the header"))?;
+    let data: Vec<f32> = bytes[start + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4-byte chunk")))
+        .collect();
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(bad("size does not match its shape"));
+    }
+    Ok((shape, data))
 }
 
 fn last_line(text: &str) -> &str {
@@ -894,6 +1062,7 @@ fn print_table(
     repeat: u32,
     peaks: &BTreeMap<u32, Peak>,
     golden: &BTreeMap<String, f64>,
+    cosines: &BTreeMap<String, Cosine>,
     rows: &[Row],
 ) -> anyhow::Result<()> {
     crate::outln!(
@@ -925,6 +1094,18 @@ fn print_table(
     }
     for (tool, d) in golden {
         crate::outln!("golden check, {tool}: max abs diff {d:.2e}")?;
+    }
+    for (tool, c) in cosines {
+        crate::outln!(
+            "features vs dltool's (last e2e run, {} images x {}): {tool} cosine min {:.7}, mean \
+             {:.7}, max abs diff {:.2e} (max |dltool| {:.2e})",
+            c.images,
+            c.dim,
+            c.min,
+            c.mean,
+            c.max_abs_diff,
+            c.max_abs
+        )?;
     }
     crate::outln!()?;
     crate::outln!(
@@ -979,6 +1160,35 @@ mod tests {
         .unwrap();
         assert_eq!(r.images, 32);
         assert_eq!(r.img_per_s, 5.02);
+    }
+
+    #[test]
+    fn reads_a_peers_npy_and_compares_features() {
+        let dir = std::env::temp_dir().join(format!("dltool-npy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("torch.npy");
+        // What np.save writes for np.float32 [[1, 2], [3, 4]] (version 1, header padded to 64).
+        let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }".to_string();
+        while !(10 + header.len() + 1).is_multiple_of(64) {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend((header.len() as u16).to_le_bytes());
+        bytes.extend(header.as_bytes());
+        for v in [1.0f32, 2.0, 3.0, 4.0] {
+            bytes.extend(v.to_le_bytes());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let (shape, data) = read_npy_f32(&path).unwrap();
+        assert_eq!(shape, [2, 2]);
+        assert_eq!(data, [1.0, 2.0, 3.0, 4.0]);
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_npy_f32(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!(cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-12);
     }
 
     #[test]
