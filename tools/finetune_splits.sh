@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# EfficientNet-Lite2 fine-tuned vs the linear head, per 60/40 split of ../shared/flowers
+# (BENCHMARKS.md, "Over splits 0-6"). Each split: `dltool split` with that seed, the logistic head
+# with the setting `tune` chose on the seed-42 training part, and `fine-tune` with its defaults on
+# the split's training photos (linked into train/<class>/), both evaluated on the test photos.
+# The fine-tune cache is shared across splits. Prints one line per split.
+# usage: tools/finetune_splits.sh WORKDIR SEED...   (DLTOOL=path/to/dltool, SHARED=../shared)
+set -euo pipefail
+work=$1; shift
+D=$(realpath "${DLTOOL:-target/release/dltool}")
+shared=$(realpath "${SHARED:-../shared}")
+W=$shared/weights/efficientnet_lite2/efficientnet-lite2-9656183e.pth
+mkdir -p "$work"; cd "$work"
+[ -f lite2.csv ] || "$D" featurize "$shared/flowers" --weights "$W" -o lite2.csv --quiet
+acc() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["accuracy"])' "$1"; }
+for s in "$@"; do
+  rm -rf "s$s"; mkdir -p "s$s"; cd "s$s"
+  "$D" split ../lite2.csv --fractions 0.6,0.4 --seed "$s" -o train.csv -o test.csv
+  for part in train test; do
+    python3 - "$part" <<'PY'
+import csv, os, sys
+part = sys.argv[1]
+for row in csv.DictReader(open(f"{part}.csv")):
+    p = row["path"]
+    cls = os.path.basename(os.path.dirname(p))
+    os.makedirs(f"{part}/{cls}", exist_ok=True)
+    os.symlink(p, f"{part}/{cls}/{os.path.basename(p)}")
+PY
+  done
+  "$D" train-head train.csv --head logistic --no-standardize --reg 0.001 --elastic-net 0 -o lin.safetensors
+  "$D" evaluate lin.safetensors test.csv --json > lin.json
+  /usr/bin/time -v "$D" fine-tune train -o ft.safetensors --weights "$W" --seed 42 \
+      --cache-dir ../cache --quiet 2> ft.time
+  "$D" evaluate ft.safetensors test --weights "$W" --json > ft.json
+  echo "split $s: linear $(acc lin.json) fine-tuned $(acc ft.json)" \
+       "$(grep -E 'Elapsed|Maximum resident' ft.time | tr -s ' \t' ' ')"
+  cd ..
+done
