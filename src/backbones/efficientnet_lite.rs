@@ -843,12 +843,7 @@ fn load_network(
     spec: &'static LiteSpec,
 ) -> Result<Box<dyn Network>, crate::backbones::LoadError> {
     let table = table_row(spec);
-    if opts.variant.is_some() {
-        return Err(crate::backbones::LoadError::NoVariant {
-            path: path.display().to_string(),
-            network: table.title,
-        });
-    }
+    opts.refuse_variant(path, table.title)?;
     Ok(Box::new(EfficientNetLite::load(path, Some(spec.name))?))
 }
 

@@ -792,12 +792,7 @@ fn load_network(
     path: &Path,
     opts: &crate::backbones::LoadOptions,
 ) -> Result<Box<dyn crate::backbones::Network>, crate::backbones::LoadError> {
-    if opts.variant.is_some() {
-        return Err(crate::backbones::LoadError::NoVariant {
-            path: path.display().to_string(),
-            network: SPEC.title,
-        });
-    }
+    opts.refuse_variant(path, SPEC.title)?;
     let (model, config) = load(path, opts.device)?;
     Ok(Box::new(MobileNetNet {
         model,

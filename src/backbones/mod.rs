@@ -69,6 +69,24 @@ pub struct LoadOptions<'a> {
     pub onnx: Option<&'a crate::onnx_net::OnnxChoice>,
 }
 
+impl LoadOptions<'_> {
+    /// The refusal every network without variants gives a `--variant` (one place, so the
+    /// message stays the same for all of them).
+    pub fn refuse_variant(
+        &self,
+        path: &std::path::Path,
+        network: &'static str,
+    ) -> Result<(), LoadError> {
+        match self.variant {
+            Some(_) => Err(LoadError::NoVariant {
+                path: path.display().to_string(),
+                network,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A loaded network, as the rest of dltool uses it. Pixels are preprocessed images laid back to
 /// back, NCHW (`n * 3 * H * W` floats, H and W from [`Network::preprocess`]).
 pub trait Network {

@@ -118,12 +118,7 @@ pub fn import(file: &Path, name: &str, choice: &OnnxChoice) -> Result<PathBuf, S
 }
 
 fn load_network(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Network>, LoadError> {
-    if opts.variant.is_some() {
-        return Err(LoadError::NoVariant {
-            path: path.display().to_string(),
-            network: SPEC.title,
-        });
-    }
+    opts.refuse_variant(path, SPEC.title)?;
     let default = OnnxChoice::default();
     let choice = opts.onnx.unwrap_or(&default);
     let requested = opts.layer.filter(|l| !l.is_empty());

@@ -354,12 +354,7 @@ fn recognise(index: &WeightIndex) -> bool {
 }
 
 fn load_network(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Network>, LoadError> {
-    if opts.variant.is_some() {
-        return Err(LoadError::NoVariant {
-            path: path.display().to_string(),
-            network: SPEC.title,
-        });
-    }
+    opts.refuse_variant(path, SPEC.title)?;
     Ok(Box::new(ResNetNet(ResNet::load(path)?)))
 }
 

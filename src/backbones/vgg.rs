@@ -380,12 +380,7 @@ fn load_network(
     spec: &'static Spec,
     blocks: [usize; 5],
 ) -> Result<Box<dyn Network>, LoadError> {
-    if opts.variant.is_some() {
-        return Err(LoadError::NoVariant {
-            path: path.display().to_string(),
-            network: spec.title,
-        });
-    }
+    opts.refuse_variant(path, spec.title)?;
     Ok(Box::new(VggNet {
         net: Vgg::load(path, spec.title, blocks)?,
         spec,
