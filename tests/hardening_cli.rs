@@ -586,15 +586,28 @@ fn csv_features_train_without_weights_and_predict_asks_for_them() {
         dltool().arg("predict").arg(&head).arg(&photos),
         "unknown provenance",
     );
-    fails_with(
-        dltool()
-            .arg("predict")
+    let wrong_network = || {
+        let mut c = dltool();
+        c.arg("predict")
             .arg(&head)
             .arg("--weights")
             .arg(shared("weights/inception_v3_tf2015.safetensors"))
-            .arg(&photos),
-        "the head expects 256 features",
-    );
+            .arg(&photos);
+        c
+    };
+    fails_with(&mut wrong_network(), "the head expects 256 features");
+    // A refused run writes nothing on stdout, not even the CSV header.
+    let mut unknown = dltool();
+    unknown.arg("predict").arg(&head).arg(&photos);
+    for mut refused in [unknown, wrong_network()] {
+        let out = run(&mut refused);
+        assert!(!out.status.success());
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     let from_images = ok(dltool()
         .arg("predict")
         .arg(&head)

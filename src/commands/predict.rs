@@ -79,6 +79,17 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
+    /// The CSV header, written once the head and its inputs are accepted: a refused run prints
+    /// nothing on stdout, so a caller that reads the output never sees a header without rows.
+    fn write_header(&self, sink: &mut Sink) -> anyhow::Result<()> {
+        if let Some(h) = self.header() {
+            let mut w = csv::Writer::from_writer(sink);
+            w.write_record(&h)?;
+            w.flush()?;
+        }
+        Ok(())
+    }
+
     fn header(&self) -> Option<Vec<String>> {
         if self.format != OutputFormat::Csv {
             return None;
@@ -159,16 +170,12 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         format: args.format,
         line: Vec::new(),
     };
-    if let Some(h) = rows.header() {
-        let mut w = csv::Writer::from_writer(&mut sink);
-        w.write_record(&h)?;
-        w.flush()?;
-    }
 
     let status = match &args.features {
         Some(file) => {
             let table = features::read_features(file)?;
             super::check_head_features(&head, &table, file)?;
+            rows.write_header(&mut sink)?;
             let probs = head.predict_proba(&table.data, table.len());
             let k = head.classes.len();
             for i in 0..table.len() {
@@ -200,6 +207,7 @@ fn predict_images(
     let device = super::open_device(args.run.device, args.quiet)?;
     let set =
         model::backbone_for_head(head, &args.head, weights, args.onnx_limits.limits(), device)?;
+    rows.write_header(sink)?;
     if streaming {
         return predict_stream(args, head, &set, rows, sink);
     }
