@@ -45,7 +45,9 @@ cleanup() {
 trap cleanup EXIT
 for class in daisy tulips; do
     mkdir -p "$work/images/$class"
-    find "$shared/flowers/$class" -maxdepth 1 -type f -name '*.jpg' | sort | head -n "$per_class" |
+    # sed, not head: head exits after its lines, and under pipefail sort's next write then
+    # fails with SIGPIPE (exit 141) whenever sort had not written everything by then.
+    find "$shared/flowers/$class" -maxdepth 1 -type f -name '*.jpg' | sort | sed -n "1,${per_class}p" |
         while read -r f; do ln -s "$f" "$work/images/$class/"; done
 done
 
