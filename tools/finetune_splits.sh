@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # EfficientNet-Lite2 fine-tuned vs the linear head, per 60/40 split of ../shared/flowers
-# (BENCHMARKS.md, "Over splits 0-6"). Each split: `dltool split` with that seed, the logistic head
+# (BENCHMARKS.md, "Over splits 0-9"). Each split: `dltool split` with that seed, the logistic head
 # with the setting `tune` chose on the seed-42 training part, and `fine-tune` with its defaults on
 # the split's training photos (linked into train/<class>/), both evaluated on the test photos.
 # The fine-tune cache is shared across splits. Prints one line per split.
 # usage: tools/finetune_splits.sh WORKDIR SEED...   (DLTOOL=path/to/dltool, SHARED=../shared)
+# Each split's folder WORKDIR/sSEED is made afresh (an earlier one is removed); WORKDIR/lite2.csv
+# and WORKDIR/cache are kept and reused. Needs GNU time (/usr/bin/time) for the time and memory.
 set -euo pipefail
+[ -x /usr/bin/time ] || { echo "finetune_splits.sh: /usr/bin/time (GNU time) is required" >&2; exit 1; }
 work=$1; shift
 D=$(realpath "${DLTOOL:-target/release/dltool}")
 shared=$(realpath "${SHARED:-../shared}")
