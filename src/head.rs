@@ -162,10 +162,16 @@ pub fn fit(
 #[serde(default)]
 pub struct TrainingSummary {
     pub rows: usize,
+    /// NaN where not measured (a fine-tune): JSON writes it as null, which must read back.
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_accuracy: f64,
     /// Iterations (logistic) or epochs (mlp) run.
     pub iterations: usize,
     pub converged: bool,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -693,6 +699,20 @@ mod tests {
                 converged: true,
             },
         }
+    }
+
+    #[test]
+    fn a_summary_without_training_accuracy_reads_back() {
+        let summary = TrainingSummary {
+            rows: 600,
+            train_accuracy: f64::NAN,
+            iterations: 3,
+            converged: true,
+        };
+        let json = serde_json::to_string(&summary).unwrap();
+        let back: TrainingSummary = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.rows, back.iterations, back.converged), (600, 3, true));
+        assert!(back.train_accuracy.is_nan());
     }
 
     #[test]
