@@ -461,7 +461,7 @@ impl Prepared {
         classes: Vec<String>,
     ) -> crate::head::Head {
         let training = crate::head::TrainingSummary {
-            rows: report.train_images,
+            rows: report.fitted_images(),
             train_accuracy: f64::NAN,
             iterations: report.epochs_run,
             converged: !report.interrupted,

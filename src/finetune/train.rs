@@ -33,6 +33,11 @@ pub struct FineTuneParams {
     /// Epochs without a better validation loss before stopping.
     pub patience: usize,
     pub seed: u64,
+    /// After the validated run, train a fresh copy again on every image (the validation split
+    /// included) for the epoch count validation chose, on the same schedule. Missing in files
+    /// written before it existed: those models were not refitted.
+    #[serde(default)]
+    pub refit: bool,
 }
 
 impl Default for FineTuneParams {
@@ -47,6 +52,7 @@ impl Default for FineTuneParams {
             validation_fraction: 0.15,
             patience: 3,
             seed: 42,
+            refit: true,
         }
     }
 }
@@ -89,14 +95,21 @@ impl FineTuneParams {
 pub struct EpochReport {
     pub epoch: usize,
     pub train_loss: f64,
+    /// Zero in a refit epoch, which has no validation split.
     pub val_loss: f64,
     pub val_accuracy: f64,
+    /// An epoch of the refit on every image (see [`FineTuneParams::refit`]).
+    #[serde(default)]
+    pub refit: bool,
 }
 
 /// Progress inside an epoch, after each optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
     pub epoch: usize,
+    /// Epochs this phase runs: the schedule's, or the refit's.
+    pub epochs: usize,
+    pub refit: bool,
     pub step: usize,
     pub steps: usize,
     /// Mean loss of the epoch so far.
@@ -118,6 +131,31 @@ pub struct TrainReport {
     /// Ctrl-C stopped it; the best model of the finished epochs is kept.
     pub interrupted: bool,
     pub history: Vec<EpochReport>,
+    /// The refit on every image, when there was one: the model kept is its last epoch, or the
+    /// validated best when Ctrl-C stopped the refit.
+    #[serde(default)]
+    pub refit: Option<RefitReport>,
+}
+
+/// The second training of a refit: every image, `epochs` epochs of the validated run's
+/// schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct RefitReport {
+    pub images: usize,
+    pub samples_per_epoch: usize,
+    pub epochs: usize,
+    pub train_loss: Vec<f64>,
+    pub interrupted: bool,
+}
+
+impl TrainReport {
+    /// Images the kept model was trained on.
+    pub fn fitted_images(&self) -> usize {
+        match &self.refit {
+            Some(r) if !r.interrupted => r.images,
+            _ => self.train_images,
+        }
+    }
 }
 
 /// Learning-rate factor at step `t` of `total`: half a cosine from 1 down to 0.
@@ -140,6 +178,12 @@ pub fn split(
 /// these images alone, so cross-validation can hold a fold out. `stop` (Ctrl-C) ends training
 /// after the current step; the best model by validation loss among the finished epochs is
 /// returned, or `Interrupted` when none finished.
+///
+/// With [`FineTuneParams::refit`], a fresh copy of `net` then trains on every image of
+/// `images` for the best epoch count, on the same schedule (its steps scaled to the larger
+/// epoch): the validation photos were only needed to choose when to stop, and a model that
+/// also learns from them is the better one to keep (a Ctrl-C during the refit keeps the
+/// validated model).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     net: FineTunedNet,
@@ -163,6 +207,97 @@ pub fn train(
             "too few images for a validation split".into(),
         ));
     }
+    let fresh = params.refit.then(|| net.clone());
+    let mut data = Data {
+        cache,
+        shape,
+        labels,
+        classes,
+        params,
+        stop,
+    };
+    let mut report = TrainReport {
+        train_images: train_images.len(),
+        val_images: val_images.len(),
+        best_val_loss: f64::INFINITY,
+        ..TrainReport::default()
+    };
+    let validated = fit(
+        net,
+        &mut data,
+        &train_images,
+        Some(&val_images),
+        params.epochs,
+        &mut report,
+        &mut on_step,
+        &mut on_epoch,
+    )?
+    .ok_or(FineTuneError::Interrupted)?;
+    let Some(fresh) = fresh.filter(|_| !report.interrupted) else {
+        return Ok((validated, report));
+    };
+    let mut second = TrainReport::default();
+    let refitted = fit(
+        fresh,
+        &mut data,
+        images,
+        None,
+        report.best_epoch,
+        &mut second,
+        &mut on_step,
+        &mut on_epoch,
+    )?;
+    report.refit = Some(RefitReport {
+        images: images.len(),
+        samples_per_epoch: second.samples_per_epoch,
+        epochs: report.best_epoch,
+        train_loss: second.history.iter().map(|e| e.train_loss).collect(),
+        interrupted: second.interrupted,
+    });
+    match refitted {
+        Some(net) if !second.interrupted => Ok((net, report)),
+        _ => {
+            report.interrupted = true;
+            Ok((validated, report))
+        }
+    }
+}
+
+/// What every phase of a fine-tune reads.
+struct Data<'a> {
+    cache: &'a mut ActivationCache,
+    shape: [usize; 3],
+    labels: &'a [usize],
+    classes: usize,
+    params: &'a FineTuneParams,
+    stop: &'a AtomicBool,
+}
+
+/// Trains `net` on every view of `train_images` for at most `run_epochs` epochs of the
+/// `params.epochs`-epoch cosine schedule. With `validation`: early stopping, and the model of
+/// the best validation loss is returned (`None` when no epoch finished). Without (a refit):
+/// the model after the last finished epoch.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    net: FineTunedNet,
+    data: &mut Data<'_>,
+    train_images: &[usize],
+    validation: Option<&[usize]>,
+    run_epochs: usize,
+    report: &mut TrainReport,
+    on_step: &mut impl FnMut(StepReport),
+    on_epoch: &mut impl FnMut(&EpochReport),
+) -> Result<Option<FineTunedNet>, FineTuneError> {
+    let Data {
+        cache,
+        shape,
+        labels,
+        classes,
+        params,
+        stop,
+    } = data;
+    let (shape, labels, classes, params, stop) = (*shape, *labels, *classes, *params, *stop);
+    let refit = validation.is_none();
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
     let mut net = net.fork(&ad).train();
@@ -178,23 +313,17 @@ pub fn train(
         .collect();
     let steps_per_epoch = samples.len().div_ceil(params.batch_size);
     let total_steps = steps_per_epoch * params.epochs;
-    let mut rng = SplitMix64::new(params.seed ^ 0x6669_6e65_7475_6e65);
+    let mut rng = SplitMix64::new(params.seed ^ 0x6669_6e65_7475_6e65 ^ u64::from(refit));
     let dim: usize = shape.iter().product();
     let keep_scale = 1.0 / (1.0 - params.dropout);
     let pooled = net.pooled();
+    report.samples_per_epoch = samples.len();
 
-    let mut report = TrainReport {
-        train_images: train_images.len(),
-        val_images: val_images.len(),
-        samples_per_epoch: samples.len(),
-        best_val_loss: f64::INFINITY,
-        ..TrainReport::default()
-    };
     let mut best: Option<FineTunedNet> = None;
     let mut since_best = 0;
     let mut global_step = 0;
     let mut x = Vec::new();
-    'epochs: for epoch in 1..=params.epochs {
+    'epochs: for epoch in 1..=run_epochs {
         rng.shuffle(&mut samples);
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for (step, batch) in samples.chunks(params.batch_size).enumerate() {
@@ -252,19 +381,36 @@ pub fn train(
             seen += b;
             on_step(StepReport {
                 epoch,
+                epochs: run_epochs,
+                refit,
                 step: step + 1,
                 steps: steps_per_epoch,
                 loss: loss_sum / seen as f64,
             });
         }
         let valid = net.valid();
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let Some(val_images) = validation else {
+            let epoch_report = EpochReport {
+                epoch,
+                train_loss,
+                refit,
+                ..EpochReport::default()
+            };
+            on_epoch(&epoch_report);
+            report.history.push(epoch_report);
+            report.epochs_run = epoch;
+            best = Some(valid);
+            continue;
+        };
         let (val_loss, val_accuracy) =
-            evaluate(&valid, cache, shape, dim, labels, &val_images, &plain)?;
+            evaluate(&valid, cache, shape, dim, labels, val_images, &plain)?;
         let epoch_report = EpochReport {
             epoch,
-            train_loss: loss_sum / seen.max(1) as f64,
+            train_loss,
             val_loss,
             val_accuracy,
+            refit,
         };
         on_epoch(&epoch_report);
         report.history.push(epoch_report);
@@ -283,10 +429,7 @@ pub fn train(
             }
         }
     }
-    match best {
-        Some(net) => Ok((net, report)),
-        None => Err(FineTuneError::Interrupted),
-    }
+    Ok(best)
 }
 
 /// Mean cross-entropy and accuracy of `net` on the original view of `images`.
@@ -329,6 +472,23 @@ mod tests {
         assert_eq!(cosine(0, 10), 1.0);
         assert!((cosine(5, 10) - 0.5).abs() < 1e-12);
         assert!(cosine(10, 10).abs() < 1e-12);
+    }
+
+    #[test]
+    fn files_from_before_the_refit_read_as_not_refitted() {
+        let mut v = serde_json::to_value(FineTuneParams::default()).unwrap();
+        assert_eq!(v["refit"], serde_json::json!(true));
+        v.as_object_mut().unwrap().remove("refit");
+        let old: FineTuneParams = serde_json::from_value(v).unwrap();
+        assert!(!old.refit);
+        let mut v = serde_json::to_value(TrainReport {
+            refit: Some(RefitReport::default()),
+            ..TrainReport::default()
+        })
+        .unwrap();
+        v.as_object_mut().unwrap().remove("refit");
+        let report: TrainReport = serde_json::from_value(v).unwrap();
+        assert!(report.refit.is_none());
     }
 
     #[test]
