@@ -197,20 +197,10 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
         model.report.samples_per_epoch,
         2 * model.report.train_images
     );
-    // The default refit: all 40 photos, for the epochs validation chose.
-    let refit = model.report.refit.as_ref().expect("refitted by default");
-    assert!(params.refit);
-    assert_eq!((refit.images, refit.samples_per_epoch), (40, 80));
-    assert!(model.report.best_epoch >= 1);
-    assert_eq!(refit.epochs, model.report.best_epoch);
-    assert_eq!(refit.train_loss.len(), refit.epochs);
-    assert!(!refit.interrupted && !model.report.interrupted);
-    assert_eq!(head.training.rows, 40);
-    assert!(stderr.contains("refit epoch 1:"), "{stderr}");
-    assert!(
-        stderr.contains("then refitted on all 40 images"),
-        "{stderr}"
-    );
+    // The default keeps the validated model: trained on the training part only.
+    assert!(!params.refit && model.report.refit.is_none());
+    assert_eq!(head.training.rows, model.report.train_images);
+    assert!(!stderr.contains("refit epoch"), "{stderr}");
 
     // Same images, network and views: the cache answers, and the same seed gives the same file.
     let second = dir.path().join("second.safetensors");
@@ -224,28 +214,39 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
         "same seed, images and threads: the same model"
     );
 
-    // --no-refit keeps the validated model: the same validated run (its history), no second
-    // training, and so another model.
-    let validated = dir.path().join("validated.safetensors");
-    let mut no_refit = args.to_vec();
-    no_refit.push("--no-refit");
-    let out = run(&mut fine_tune(&train, &validated, &cache, &no_refit));
+    // --refit: the same validated run (its history), then a second training on all 40 photos
+    // for the epochs validation chose; that model is written.
+    let refitted = dir.path().join("refitted.safetensors");
+    let mut with_refit = args.to_vec();
+    with_refit.push("--refit");
+    let out = run(&mut fine_tune(&train, &refitted, &cache, &with_refit));
     assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("refit epoch"));
-    let validated_head = Head::load(&validated).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refit epoch 1:"), "{stderr}");
+    assert!(
+        stderr.contains("then refitted on all 40 images"),
+        "{stderr}"
+    );
+    let refitted_head = Head::load(&refitted).unwrap();
     let HeadModel::FineTuned {
-        model: validated_model,
-        params: validated_params,
-    } = &validated_head.model
+        model: refitted_model,
+        params: refitted_params,
+    } = &refitted_head.model
     else {
         panic!("not a fine-tuned model");
     };
-    assert!(!validated_params.refit && validated_model.report.refit.is_none());
-    assert_eq!(validated_model.report.history, model.report.history);
-    assert_eq!(validated_head.training.rows, model.report.train_images);
+    assert!(refitted_params.refit);
+    let refit = refitted_model.report.refit.as_ref().expect("refitted");
+    assert_eq!((refit.images, refit.samples_per_epoch), (40, 80));
+    assert!(model.report.best_epoch >= 1);
+    assert_eq!(refit.epochs, model.report.best_epoch);
+    assert_eq!(refit.train_loss.len(), refit.epochs);
+    assert!(!refit.interrupted && !refitted_model.report.interrupted);
+    assert_eq!(refitted_model.report.history, model.report.history);
+    assert_eq!(refitted_head.training.rows, 40);
     assert_ne!(
         std::fs::read(&first).unwrap(),
-        std::fs::read(&validated).unwrap()
+        std::fs::read(&refitted).unwrap()
     );
 
     // Held-out photos through the model, with the frozen part from the shared weights.

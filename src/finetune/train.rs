@@ -52,7 +52,7 @@ impl Default for FineTuneParams {
             validation_fraction: 0.15,
             patience: 3,
             seed: 42,
-            refit: true,
+            refit: false,
         }
     }
 }
@@ -476,7 +476,11 @@ mod tests {
 
     #[test]
     fn files_from_before_the_refit_read_as_not_refitted() {
-        let mut v = serde_json::to_value(FineTuneParams::default()).unwrap();
+        let mut v = serde_json::to_value(FineTuneParams {
+            refit: true,
+            ..FineTuneParams::default()
+        })
+        .unwrap();
         assert_eq!(v["refit"], serde_json::json!(true));
         v.as_object_mut().unwrap().remove("refit");
         let old: FineTuneParams = serde_json::from_value(v).unwrap();
