@@ -4,7 +4,8 @@
 # with the setting `tune` chose on the seed-42 training part, and `fine-tune` with its defaults on
 # the split's training photos (linked into train/<class>/), both evaluated on the test photos.
 # The fine-tune cache is shared across splits. Prints one line per split.
-# usage: tools/finetune_splits.sh WORKDIR SEED...   (DLTOOL=path/to/dltool, SHARED=../shared)
+# usage: tools/finetune_splits.sh WORKDIR SEED...   (DLTOOL=path/to/dltool, SHARED=../shared,
+#        FT_ARGS="--refit": more fine-tune flags, word-split)
 # Each split's folder WORKDIR/sSEED is made afresh (an earlier one is removed); WORKDIR/lite2.csv
 # and WORKDIR/cache are kept and reused. Needs GNU time (/usr/bin/time) for the time and memory.
 set -euo pipefail
@@ -33,7 +34,7 @@ PY
   "$D" train-head train.csv --head logistic --no-standardize --reg 0.001 --elastic-net 0 -o lin.safetensors
   "$D" evaluate lin.safetensors test.csv --json > lin.json
   /usr/bin/time -v "$D" fine-tune train -o ft.safetensors --weights "$W" --seed 42 \
-      --cache-dir ../cache --quiet 2> ft.time
+      --cache-dir ../cache --quiet ${FT_ARGS:-} 2> ft.time
   "$D" evaluate ft.safetensors test --weights "$W" --json > ft.json
   echo "split $s: linear $(acc lin.json) fine-tuned $(acc ft.json)" \
        "$(grep -E 'Elapsed|Maximum resident' ft.time | tr -s ' \t' ' ')"

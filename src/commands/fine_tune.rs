@@ -104,8 +104,8 @@ pub struct Args {
     pub patience: usize,
 
     /// After the validated run, train a fresh copy on every image (the validation split
-    /// included) for the epochs validation chose, and write that model instead (about 1.7x the
-    /// training time; on ../shared/flowers it did not beat the validated model: BENCHMARKS.md).
+    /// included) for the epochs validation chose, and write that model instead (the command
+    /// takes 1.5-1.75x as long; on ../shared/flowers it did not beat the validated model).
     #[arg(long)]
     pub refit: bool,
 
