@@ -288,15 +288,14 @@ fn fit(
     on_step: &mut impl FnMut(StepReport),
     on_epoch: &mut impl FnMut(&EpochReport),
 ) -> Result<Option<FineTunedNet>, FineTuneError> {
-    let Data {
-        cache,
-        shape,
-        labels,
-        classes,
-        params,
-        stop,
-    } = data;
-    let (shape, labels, classes, params, stop) = (*shape, *labels, *classes, *params, *stop);
+    let (shape, labels, classes, params, stop) = (
+        data.shape,
+        data.labels,
+        data.classes,
+        data.params,
+        data.stop,
+    );
+    let cache = &mut *data.cache;
     let refit = validation.is_none();
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
