@@ -8,4 +8,5 @@ pub mod cpu;
 pub mod cpu_conv;
 pub mod cpu_ops;
 pub mod depthwise;
+pub mod depthwise_grad;
 pub mod winograd;
