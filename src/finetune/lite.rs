@@ -1,8 +1,10 @@
 //! EfficientNet-Lite's blocks above a stage end and its head convolution, as burn modules for
 //! fine-tuning: the same folded weights the CPU engine packs ([`FoldedLite`]), BatchNorm held
 //! in inference mode (folded), ReLU6, TensorFlow "SAME" padding (the odd row and column at the
-//! bottom and right). The depthwise convolutions are burn's grouped convolution.
+//! bottom and right). The depthwise convolutions run the engine's kernels through
+//! [`super::depthwise`] on the CPU, and burn's grouped convolution elsewhere.
 
+use super::depthwise;
 use crate::backbones::efficientnet_lite::{
     BlockLayout, FoldedBlock, FoldedConv, FoldedLite, HEAD, LiteSpec,
 };
@@ -50,13 +52,16 @@ impl LiteConv {
             let total = ((out - 1) * self.stride + k).saturating_sub(size);
             (before, total - before)
         };
-        let options = ConvOptions::new_with_padding(
-            [self.stride; 2],
-            [pad(h, kh), pad(w, kw)],
-            [1, 1],
-            self.groups,
-        );
-        let y = conv2d(x, self.weight.val(), Some(self.bias.val()), options);
+        let pads = [pad(h, kh), pad(w, kw)];
+        let [cout, _, _, _] = self.weight.dims();
+        let y = if self.groups > 1 && depthwise::supported(&x.device()) {
+            depthwise::depthwise_conv2d(x, self.weight.val(), self.stride, pads)
+                + self.bias.val().reshape([1, cout, 1, 1])
+        } else {
+            let options =
+                ConvOptions::new_with_padding([self.stride; 2], pads, [1, 1], self.groups);
+            conv2d(x, self.weight.val(), Some(self.bias.val()), options)
+        };
         if self.relu6 { y.clamp(0.0, 6.0) } else { y }
     }
 }
