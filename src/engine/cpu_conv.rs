@@ -154,7 +154,15 @@ impl Act {
 }
 
 /// Transposes each `rows x cols` block of `src` (one per image) into `dst`.
-fn transpose_each(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
+pub(crate) fn transpose_each<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    rows: usize,
+    cols: usize,
+) {
+    if rows * cols == 0 {
+        return;
+    }
     dst.par_chunks_mut(rows * cols)
         .zip(src.par_chunks(rows * cols))
         .for_each(|(dst, src)| {

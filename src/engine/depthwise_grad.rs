@@ -4,14 +4,14 @@
 //! training runs in burn's NCHW layout and needs the input and weight gradients, which burn's
 //! generic grouped convolution computes one channel at a time (a slice, a one-output
 //! convolution and a `slice_assign` per channel; most of a fine-tuning epoch). Here every
-//! gradient is one pass over the maps: each plane (one image's channel) is independent, so the
-//! forward and the input gradient run a plane per task, and the weight gradient a channel per
-//! task, summing images in a fixed order. Results never depend on the thread count.
+//! gradient is one pass over the maps, an image per task; the weight gradient adds the images'
+//! partial sums in image order. Results never depend on the thread count.
 //!
 //! Padding is given per side, so TensorFlow's "SAME" (the odd row and column at the bottom and
 //! right) and symmetric padding are both expressible; the bottom and right padding only set the
 //! output size.
 
+use crate::engine::cpu_conv::transpose_each;
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Mul};
 
@@ -117,18 +117,7 @@ impl DwGeometry {
 /// `src` as consecutive row-major `[rows][cols]` matrices -> each transposed to `[cols][rows]`.
 fn transpose<T: Real>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut out = vec![T::default(); src.len()];
-    if rows * cols == 0 {
-        return out;
-    }
-    out.par_chunks_mut(rows * cols)
-        .zip(src.par_chunks(rows * cols))
-        .for_each(|(out, src)| {
-            for r in 0..rows {
-                for c in 0..cols {
-                    out[c * rows + r] = src[r * cols + c];
-                }
-            }
-        });
+    transpose_each(src, &mut out, rows, cols);
     out
 }
 
@@ -140,45 +129,49 @@ fn mul_add<T: Real>(acc: &mut [T], a: &[T], b: &[T]) {
     }
 }
 
-/// `x` `[n][channels][in_h][in_w]`, `weight` `[channels][kernel][kernel]` -> `[n][channels][out_h][out_w]`.
-pub fn forward<T: Real>(x: &[T], weight: &[T], g: &DwGeometry) -> Vec<T> {
-    let (c, ip, op, taps) = (g.channels, g.in_plane(), g.out_plane(), g.kernel * g.kernel);
+/// Per image, `dst[d] += src[s] * weight[t]` over every output pixel `o`, input pixel `i` and
+/// tap `t` that reads it: `(d, s) = (o, i)` is the forward, `(i, o)` with the output's gradient
+/// as `src` is the input's gradient.
+fn tap_products<T: Real, const TO_INPUT: bool>(src: &[T], weight: &[T], g: &DwGeometry) -> Vec<T> {
+    let (c, taps) = (g.channels, g.kernel * g.kernel);
+    let (src_plane, dst_plane) = if TO_INPUT {
+        (g.out_plane(), g.in_plane())
+    } else {
+        (g.in_plane(), g.out_plane())
+    };
     assert_eq!(weight.len(), c * taps, "depthwise weight length");
-    assert_eq!(x.len() % (c * ip).max(1), 0, "depthwise input length");
-    let images = x.len().checked_div(c * ip).unwrap_or(0);
-    let mut out = vec![T::default(); images * c * op];
+    let images = src.len().checked_div(c * src_plane).unwrap_or(0);
+    let mut out = vec![T::default(); images * c * dst_plane];
     if out.is_empty() {
         return out;
     }
-    let (x, w) = (transpose(x, c, ip), transpose(weight, c, taps));
-    out.par_chunks_mut(op * c)
-        .zip(x.par_chunks(ip * c))
-        .for_each(|(out, x)| {
+    let (src, w) = (transpose(src, c, src_plane), transpose(weight, c, taps));
+    out.par_chunks_mut(dst_plane * c)
+        .zip(src.par_chunks(src_plane * c))
+        .for_each(|(dst, src)| {
             g.for_each_tap(|o, i, t| {
-                mul_add(&mut out[o * c..][..c], &x[i * c..][..c], &w[t * c..][..c])
+                // A constant: each instance compiles to one of the two loops.
+                let (d, s) = if TO_INPUT { (i, o) } else { (o, i) };
+                mul_add(&mut dst[d * c..][..c], &src[s * c..][..c], &w[t * c..][..c])
             });
         });
-    transpose(&out, op, c)
+    transpose(&out, dst_plane, c)
+}
+
+/// `x` `[n][channels][in_h][in_w]`, `weight` `[channels][kernel][kernel]` -> `[n][channels][out_h][out_w]`.
+pub fn forward<T: Real>(x: &[T], weight: &[T], g: &DwGeometry) -> Vec<T> {
+    let ip = g.in_plane();
+    assert_eq!(
+        x.len() % (g.channels * ip).max(1),
+        0,
+        "depthwise input length"
+    );
+    tap_products::<T, false>(x, weight, g)
 }
 
 /// The gradient of the input: `grad` `[n][channels][out_h][out_w]` -> `[n][channels][in_h][in_w]`.
 pub fn input_grad<T: Real>(grad: &[T], weight: &[T], g: &DwGeometry) -> Vec<T> {
-    let (c, ip, op, taps) = (g.channels, g.in_plane(), g.out_plane(), g.kernel * g.kernel);
-    assert_eq!(weight.len(), c * taps, "depthwise weight length");
-    let images = grad.len().checked_div(c * op).unwrap_or(0);
-    let mut out = vec![T::default(); images * c * ip];
-    if out.is_empty() {
-        return out;
-    }
-    let (gy, w) = (transpose(grad, c, op), transpose(weight, c, taps));
-    out.par_chunks_mut(ip * c)
-        .zip(gy.par_chunks(op * c))
-        .for_each(|(gx, gy)| {
-            g.for_each_tap(|o, i, t| {
-                mul_add(&mut gx[i * c..][..c], &gy[o * c..][..c], &w[t * c..][..c])
-            });
-        });
-    transpose(&out, ip, c)
+    tap_products::<T, true>(grad, weight, g)
 }
 
 /// The gradient of the weight, summed over the batch: -> `[channels][kernel][kernel]`.

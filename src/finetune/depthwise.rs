@@ -46,38 +46,42 @@ pub trait DepthwiseOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Runs `f32_op` or `f64_op` on the values of two burn-flex tensors, in the first one's float
-/// type (the second is converted to it), and wraps the result with `shape`.
-fn run(
-    a: FlexTensor,
-    b: FlexTensor,
-    shape: [usize; 4],
-    f32_op: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    f64_op: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
-) -> FlexTensor {
-    let (a, b) = (a.into_data(), b.into_data());
-    let out = if a.dtype() == DType::F64 {
-        let values = |d: TensorData| d.convert::<f64>().try_into_vec::<f64>();
-        let (a, b) = (values(a), values(b));
-        TensorData::new(f64_op(&a.expect("f64"), &b.expect("f64")), shape)
-    } else {
-        let values = |d: TensorData| d.convert::<f32>().try_into_vec::<f32>();
-        let (a, b) = (values(a), values(b));
-        TensorData::new(f32_op(&a.expect("f32"), &b.expect("f32")), shape)
-    };
-    FlexTensor::from_data(out)
+/// Which of the engine's kernels to run.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl Kernel {
+    fn apply<T: depthwise_grad::Real>(self, a: &[T], b: &[T], g: &DwGeometry) -> Vec<T> {
+        match self {
+            Kernel::Forward => depthwise_grad::forward(a, b, g),
+            Kernel::InputGrad => depthwise_grad::input_grad(a, b, g),
+            Kernel::WeightGrad => depthwise_grad::weight_grad(a, b, g),
+        }
+    }
+
+    /// Runs on the values of two burn-flex tensors, in the first one's float type (f64 for the
+    /// gradient checks, f32 otherwise; the second is converted to it), shaped `shape`.
+    fn run(self, a: FlexTensor, b: FlexTensor, g: DwGeometry, shape: [usize; 4]) -> FlexTensor {
+        let (a, b) = (a.into_data(), b.into_data());
+        let out = if a.dtype() == DType::F64 {
+            let values = |d: TensorData| d.convert::<f64>().try_into_vec::<f64>().expect("f64");
+            TensorData::new(self.apply(&values(a), &values(b), &g), shape)
+        } else {
+            let values = |d: TensorData| d.convert::<f32>().try_into_vec::<f32>().expect("f32");
+            TensorData::new(self.apply(&values(a), &values(b), &g), shape)
+        };
+        FlexTensor::from_data(out)
+    }
 }
 
 impl DepthwiseOps for Flex {
     fn depthwise_conv(x: FlexTensor, weight: FlexTensor, g: DwGeometry) -> FlexTensor {
         let shape = [x.shape()[0], g.channels, g.out_h, g.out_w];
-        run(
-            x,
-            weight,
-            shape,
-            |x, w| depthwise_grad::forward(x, w, &g),
-            |x, w| depthwise_grad::forward(x, w, &g),
-        )
+        Kernel::Forward.run(x, weight, g, shape)
     }
 
     fn depthwise_conv_input_grad(
@@ -86,24 +90,12 @@ impl DepthwiseOps for Flex {
         g: DwGeometry,
     ) -> FlexTensor {
         let shape = [grad.shape()[0], g.channels, g.in_h, g.in_w];
-        run(
-            grad,
-            weight,
-            shape,
-            |y, w| depthwise_grad::input_grad(y, w, &g),
-            |y, w| depthwise_grad::input_grad(y, w, &g),
-        )
+        Kernel::InputGrad.run(grad, weight, g, shape)
     }
 
     fn depthwise_conv_weight_grad(x: FlexTensor, grad: FlexTensor, g: DwGeometry) -> FlexTensor {
         let shape = [g.channels, 1, g.kernel, g.kernel];
-        run(
-            x,
-            grad,
-            shape,
-            |x, y| depthwise_grad::weight_grad(x, y, &g),
-            |x, y| depthwise_grad::weight_grad(x, y, &g),
-        )
+        Kernel::WeightGrad.run(x, grad, g, shape)
     }
 }
 
