@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Small ONNX graphs with random weights, and ONNX Runtime's outputs on them, for the tests of
-`src/onnx_net.rs` (tests/onnx_net.rs, tests/onnx_cli.rs): the ops of a vision transformer and of
+`src/onnx_net.rs` (tests/it/onnx_net.rs, tests/it/onnx_cli.rs): the ops of a vision transformer and of
 a ConvNeXt block that the shared EfficientNet-Lite0 graph (Conv, Clip, Pad, ReduceMean) does not
 exercise, plus the malformed models the bad-input tests need.
 

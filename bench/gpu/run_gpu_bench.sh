@@ -50,7 +50,7 @@ first="$(find "$images" -type f ! -name '.*' | sort | sed -n 1p)"
 
 if [ "${PARITY:-1}" != 0 ]; then
     (cd "$root" && DLTOOL_TEST_DEVICE=wgpu DLTOOL_SHARED="$shared" cargo test --release --features wgpu \
-        --test inception_parity --test mobilenet_parity --test device_cli -- --nocapture 2>&1 |
+        --test it -- --nocapture inception_parity mobilenet_parity device_cli 2>&1 |
         grep -E "test device|max \|diff\||max \|wgpu|test result|panicked|FAILED") ||
         echo "parity tests FAILED on the GPU (run them without the grep to see why)"
 fi

@@ -12,7 +12,7 @@
 //! The transforms are built at load from interpolation points (0, 1, -1, 2, -2, 1/2, -1/2, ...)
 //! in f64: `At` and `G` by their textbook formulas and `Bt` by solving the bilinear identity
 //! that makes the algorithm an exact correlation, so any `F(m, r)` in reach of those points
-//! comes out of one routine (checked on construction and in tests/cpu_conv.rs).
+//! comes out of one routine (checked on construction and in tests/it/cpu_conv.rs).
 //!
 //! Why by hand: no maintained crate does Winograd convolution on NHWC f32 data; the
 //! multiplications still go through the `gemm` crate.

@@ -25,7 +25,7 @@ pub fn shared(rel: &str) -> PathBuf {
 
 /// The device parity tests run the network on: `$DLTOOL_TEST_DEVICE` (cpu, wgpu or auto; cpu
 /// when unset), so that on a GPU machine `DLTOOL_TEST_DEVICE=wgpu cargo test --release
-/// --features wgpu --test inception_parity` checks the same tolerances there.
+/// --features wgpu --test it inception_parity` checks the same tolerances there.
 pub fn test_device() -> burn::prelude::Device {
     let choice: dltool::device::DeviceChoice = match std::env::var("DLTOOL_TEST_DEVICE") {
         Ok(name) => name

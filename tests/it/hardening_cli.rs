@@ -3,7 +3,7 @@
 //! shards, CSV features without provenance, and the messages a user reads. MobileNet v1 0.25
 //! keeps the featurize runs short.
 
-mod common;
+use crate::common;
 
 use common::{blobs, dltool, fails_with, ok, run, shared, write_table};
 use std::os::unix::ffi::OsStrExt;

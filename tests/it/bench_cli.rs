@@ -1,7 +1,7 @@
 //! `dltool bench` on two images, network only, dltool alone: the numbers it prints must be
 //! there and sane. No timing is asserted.
 
-mod common;
+use crate::common;
 
 use common::{dltool, ok, run, shared, shared_dir};
 

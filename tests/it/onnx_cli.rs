@@ -1,7 +1,7 @@
 //! `dltool inspect` and `--weights MODEL.onnx` from the command line: listings, and every bad
 //! model the issue names refused with one line and exit 1.
 
-mod common;
+use crate::common;
 
 use common::{ok, run, shared};
 use std::path::PathBuf;

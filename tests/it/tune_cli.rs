@@ -1,6 +1,6 @@
 //! `dltool tune` as a user runs it: the table, the JSON, the best head, bad grids, Ctrl-C.
 
-mod common;
+use crate::common;
 
 use common::{blobs_with, dltool, fails_with, ok, run, write_table as write};
 use dltool::features::FeatureTable;

@@ -3,7 +3,7 @@
 //! safetensors files edited here. Variant detection, the classifier, and errors that name the
 //! file and the offending tensors instead of panicking.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, make_pth, max_abs_diff, shared};

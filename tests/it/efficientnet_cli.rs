@@ -2,7 +2,7 @@
 //! resize, then the network) against reference features, `classify` with the network's own
 //! classifier, the chain featurize -> train-head -> predict from images, and bad input.
 
-mod common;
+use crate::common;
 
 use common::{Golden, dltool, fails_with, flower_subset, ok, run, shared, shared_dir};
 use std::path::Path;

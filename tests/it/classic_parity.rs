@@ -9,7 +9,7 @@
 //! * The same for Xception with `tools/xception_reference.py` and timm's `legacy_xception`
 //!   (tests/fixtures/xception), full size at 299x299.
 
-mod common;
+use crate::common;
 
 use dltool::backbone::Pool;
 use dltool::backbones::resnet::{self, ResNet};

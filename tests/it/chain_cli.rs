@@ -1,6 +1,6 @@
 //! `split`, `train-head`, `evaluate` and `predict` as a user chains them, and their errors.
 
-mod common;
+use crate::common;
 
 use common::{
     blobs, dltool, fails_with, feature_meta as meta, ok, run, shared, shared_dir,

@@ -2,7 +2,7 @@
 //! no GPU (or no GPU support in the build), `auto` falling back to the very same bytes, and on a
 //! machine with a GPU (built with `--features wgpu`) features that agree with the CPU's.
 
-mod common;
+use crate::common;
 
 use common::{dltool, ok, run, shared};
 use dltool::device::{DeviceChoice, select};
@@ -176,7 +176,7 @@ fn device_auto_without_a_gpu_warns_and_gives_the_cpu_bytes() {
 /// with its own summation order, so the features agree with the CPU's to a tolerance, not bytes.
 /// Ignored (reported as not run) unless asked for; asked for without a GPU, it fails.
 #[test]
-#[ignore = "needs a GPU and a `--features wgpu` build: cargo test --release --features wgpu --test device_cli -- --ignored"]
+#[ignore = "needs a GPU and a `--features wgpu` build: cargo test --release --features wgpu --test it -- --ignored device_cli"]
 fn device_wgpu_agrees_with_the_cpu_on_a_gpu() {
     let Some(gpu) = gpu_here() else {
         panic!(

@@ -1,6 +1,6 @@
 //! `dltool featurize` as a user runs it: bad files, determinism, crash safety and resume.
 
-mod common;
+use crate::common;
 
 use common::{dltool, flowers, photo_dir, png_claiming, run};
 use std::process::{Command, Stdio};

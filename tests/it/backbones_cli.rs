@@ -1,7 +1,7 @@
 //! MobileNet v1 as a second backbone through the whole chain, and `dltool classify` with the
 //! pretrained classifiers.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, dltool, flower_subset, make_pth, ok, run, shared};

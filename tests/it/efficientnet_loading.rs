@@ -1,7 +1,7 @@
 //! EfficientNet-Lite's loader on files that are not what the caller asked for, on changed
 //! tensors, and on half-precision copies of the real weights.
 
-mod common;
+use crate::common;
 
 use common::{Golden, shared};
 use dltool::backbones::efficientnet_lite::{EfficientNetLite, LITE0, LiteLayer};

@@ -2,7 +2,7 @@
 //! the worker checks the network against its golden file, the FLOP count is the network's, the
 //! end-to-end child runs the same network, and a network without weights is one line.
 
-mod common;
+use crate::common;
 
 use common::{dltool, fails_with, ok, run, shared_dir};
 

@@ -1,8 +1,8 @@
 //! EfficientNet-Lite0/Lite2 on the CPU engine against the PyTorch reference (the wheel's model
 //! code, float32, eval mode) at every golden stage, and the ImageNet classifier on the golden
-//! daisy. The whole pipeline (decode, resize, network) is tests/efficientnet_cli.rs.
+//! daisy. The whole pipeline (decode, resize, network) is tests/it/efficientnet_cli.rs.
 
-mod common;
+use crate::common;
 
 use common::{Golden, max_abs_diff, shared};
 use dltool::backbones::efficientnet_lite::{EfficientNetLite, LITE0, LITE2, LiteLayer, LiteSpec};

@@ -1,6 +1,6 @@
 //! The burn port of InceptionV3 against activations of the original TorchScript network.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, max_abs_diff, shared};

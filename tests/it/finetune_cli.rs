@@ -1,7 +1,7 @@
 //! `dltool fine-tune` as a user runs it: bad input, a small run end to end, the cache reused,
 //! and the model through `predict` and `evaluate`.
 
-mod common;
+use crate::common;
 
 use common::{dltool, fails_with, ok, run, shared};
 use dltool::head::{Head, HeadModel};

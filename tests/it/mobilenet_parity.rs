@@ -1,7 +1,7 @@
 //! The burn port of MobileNet v1 against TensorFlow.js running the same TF.js export, and the
 //! loader's errors for broken exports.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, max_abs_diff, shared};

@@ -5,7 +5,7 @@
 //! `train-head` on a few flowers, on the small MobileNet (InceptionV3 once). Every wait is
 //! bounded, and a server is killed when its test ends, however it ends.
 
-mod common;
+use crate::common;
 
 use common::{dltool, flowers, line_reader, ok, png_claiming, shared};
 use serde_json::Value;

@@ -3,7 +3,7 @@
 //! on them reloads the same networks in `predict`, and bad lists are one line each. MobileNet
 //! 0.25 and EfficientNet-Lite0 on a few images keep it fast.
 
-mod common;
+use crate::common;
 
 use common::{dltool, fails_with, flower_subset, ok, run, shared};
 use dltool::features::{FeatureTable, read_features};

@@ -1,7 +1,7 @@
 //! Scaling out: `featurize --shard K/N`, rows streamed from paths on stdin, and Parquet feature
 //! files read back by the rest of the chain.
 
-mod common;
+use crate::common;
 
 use common::{dltool, line_reader, ok, photo_dir, run};
 use dltool::features::{self, FeatureTable};

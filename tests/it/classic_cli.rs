@@ -3,7 +3,7 @@
 //! bad-input lines. The reduced torchvision networks of tests/fixtures/classic stand in for the
 //! real weights (random weights: the tests check wiring and consistency, not accuracy).
 
-mod common;
+use crate::common;
 
 use common::{dltool, ok, photo_dir, run};
 use std::path::{Path, PathBuf};

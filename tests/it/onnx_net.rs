@@ -3,7 +3,7 @@
 //! ConvNeXt graphs against ONNX Runtime's outputs (tests/fixtures/onnx, made by
 //! tools/onnx_fixtures.py).
 
-mod common;
+use crate::common;
 
 use common::{Golden, max_abs_diff, shared};
 use dltool::backbone::Pool;

@@ -1,7 +1,7 @@
 //! The whole pipeline (decode, resize, network, pooling) against reference features computed
 //! with PIL preprocessing and the original network.
 
-mod common;
+use crate::common;
 
 use common::{Golden, shared, shared_dir};
 use std::process::Command;

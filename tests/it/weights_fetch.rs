@@ -5,7 +5,7 @@
 //! shared 0.25 model's files: that is how the tests reach the code paths of an entry checked
 //! by nothing but sizes and the hashes recorded at download.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

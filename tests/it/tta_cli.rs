@@ -1,7 +1,7 @@
 //! `--tta flip`: features of an image and its left-right mirror averaged, recorded in the
 //! provenance of features and heads, and refused where it does not match.
 
-mod common;
+use crate::common;
 
 use common::{dltool, fails_with, flowers, ok, photo_dir, run, shared};
 use dltool::features::{FeatureTable, read_features};

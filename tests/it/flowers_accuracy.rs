@@ -17,7 +17,7 @@
 //! checks too. Both settings come from `dltool tune` on the seed-42 training rows, not from a
 //! test set.
 
-mod common;
+use crate::common;
 
 use common::{dltool, ok, shared_dir};
 use dltool::features::{FeatureTable, Format, read_features, write_features};

@@ -1,6 +1,6 @@
 //! `dltool info`, `dltool completions` and `dltool man`.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

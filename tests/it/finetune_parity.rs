@@ -1,7 +1,7 @@
 //! The trainable top of `fine-tune` against the inference engine, and its gradients against
 //! finite differences.
 
-mod common;
+use crate::common;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;

@@ -3,7 +3,7 @@
 //! file is generated here from the shared weights; the messages must name the file and speak
 //! its language (its tensor names, plain shapes).
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, dltool, fails_with, max_abs_diff, shared};

@@ -1,7 +1,7 @@
 //! The NHWC CPU engine against the reference network's activations, and against the burn model
 //! for the block layout the golden file does not cover.
 
-mod common;
+use crate::common;
 
 use burn::prelude::*;
 use common::{Golden, max_abs_diff, shared};
