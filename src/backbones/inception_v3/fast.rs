@@ -10,6 +10,13 @@
 //!   linear, so they commute once the bias is added after the pool): the pool then averages
 //!   the branch's 32..192 output channels instead of the block's 192..2048 input channels, and
 //!   the convolution joins the block's fused GEMM.
+//!
+//! After a block's fused GEMM its two longest branches run side by side (`rayon::join`): at
+//! batch 1 one convolution of a 17x17 or 8x8 map splits into only a few parts, and the other
+//! branch's work keeps the second core busy (InceptionV3 at batch 1 on 2 threads: 0.88x ->
+//! 0.94x ONNX Runtime, BENCHMARKS.md). Each convolution's parts depend on the layer alone, so
+//! the values are the same however the branches are scheduled; the branch that cannot write
+//! into the block's output while the other does costs one channel copy.
 
 use super::{BlockVariant, InceptionV3, Layer};
 use crate::engine::cpu_conv::{self, Act, Conv, Epilogue, Pool3x3};
@@ -188,12 +195,17 @@ impl BlockA {
             PoolBranch::MaxThenConv(c) => c.cout,
         };
         let g = self.fused.forward(x, 0);
-        let mut out = Act::new(x.n, x.h, x.w, 64 + 64 + 96 + pool_c);
-        out.copy_channels(0, &g, 0, 64);
-        self.b5x5_2.forward_into(&g, 64, &mut out, 64);
-        let d = self.dbl_2.forward(&g, 112);
-        self.dbl_3.forward_into(&d, 0, &mut out, 128);
-        self.pool.run(x, &g, 176, &mut out, 224);
+        let (mut out, dbl) = rayon::join(
+            || {
+                let mut out = Act::new(x.n, x.h, x.w, 64 + 64 + 96 + pool_c);
+                out.copy_channels(0, &g, 0, 64);
+                self.b5x5_2.forward_into(&g, 64, &mut out, 64);
+                self.pool.run(x, &g, 176, &mut out, 224);
+                out
+            },
+            || self.dbl_3.forward(&self.dbl_2.forward(&g, 112), 0),
+        );
+        out.copy_channels(128, &dbl, 0, 96);
         out
     }
 }
@@ -220,11 +232,19 @@ impl BlockB {
 
     fn forward(&self, x: &Act) -> Act {
         let (h, w) = self.b3x3.out_hw(x.h, x.w);
-        let mut out = Act::new(x.n, h, w, 384 + 96 + x.c);
-        self.b3x3.forward_into(x, 0, &mut out, 0);
-        let d = self.dbl_2.forward(&self.dbl_1.forward(x, 0), 0);
-        self.dbl_3.forward_into(&d, 0, &mut out, 384);
-        cpu_conv::max_pool_3x3_s2_into(x, &mut out, 480);
+        let (mut out, dbl) = rayon::join(
+            || {
+                let mut out = Act::new(x.n, h, w, 384 + 96 + x.c);
+                self.b3x3.forward_into(x, 0, &mut out, 0);
+                cpu_conv::max_pool_3x3_s2_into(x, &mut out, 480);
+                out
+            },
+            || {
+                let d = self.dbl_2.forward(&self.dbl_1.forward(x, 0), 0);
+                self.dbl_3.forward(&d, 0)
+            },
+        );
+        out.copy_channels(384, &dbl, 0, 96);
         out
     }
 }
@@ -275,16 +295,24 @@ impl BlockC {
     fn forward(&self, x: &Act) -> Act {
         let c7 = self.c7;
         let g = self.fused.forward(x, 0);
-        let mut out = Act::new(x.n, x.h, x.w, 768);
-        out.copy_channels(0, &g, 0, 192);
-        let t = self.b7[0].forward(&g, 192);
-        self.b7[1].forward_into(&t, 0, &mut out, 192);
-        let mut t = self.dbl[0].forward(&g, 192 + c7);
-        for conv in &self.dbl[1..3] {
-            t = conv.forward(&t, 0);
-        }
-        self.dbl[3].forward_into(&t, 0, &mut out, 384);
-        self.pool.run(x, &g, 192 + 2 * c7, &mut out, 576);
+        let (mut out, dbl) = rayon::join(
+            || {
+                let mut out = Act::new(x.n, x.h, x.w, 768);
+                out.copy_channels(0, &g, 0, 192);
+                let t = self.b7[0].forward(&g, 192);
+                self.b7[1].forward_into(&t, 0, &mut out, 192);
+                self.pool.run(x, &g, 192 + 2 * c7, &mut out, 576);
+                out
+            },
+            || {
+                let mut t = self.dbl[0].forward(&g, 192 + c7);
+                for conv in &self.dbl[1..] {
+                    t = conv.forward(&t, 0);
+                }
+                t
+            },
+        );
+        out.copy_channels(384, &dbl, 0, 192);
         out
     }
 }
@@ -320,11 +348,19 @@ impl BlockD {
     fn forward(&self, x: &Act) -> Act {
         let g = self.fused.forward(x, 0);
         let (h, w) = self.b3x3_2.out_hw(x.h, x.w);
-        let mut out = Act::new(x.n, h, w, 320 + 192 + x.c);
-        self.b3x3_2.forward_into(&g, 0, &mut out, 0);
-        let t = self.b7[1].forward(&self.b7[0].forward(&g, 192), 0);
-        self.b7[2].forward_into(&t, 0, &mut out, 320);
-        cpu_conv::max_pool_3x3_s2_into(x, &mut out, 512);
+        let (mut out, b7) = rayon::join(
+            || {
+                let mut out = Act::new(x.n, h, w, 320 + 192 + x.c);
+                self.b3x3_2.forward_into(&g, 0, &mut out, 0);
+                cpu_conv::max_pool_3x3_s2_into(x, &mut out, 512);
+                out
+            },
+            || {
+                let t = self.b7[1].forward(&self.b7[0].forward(&g, 192), 0);
+                self.b7[2].forward(&t, 0)
+            },
+        );
+        out.copy_channels(320, &b7, 0, 192);
         out
     }
 }
@@ -363,14 +399,24 @@ impl BlockE {
 
     fn forward(&self, x: &Act) -> Act {
         let g = self.fused.forward(x, 0);
-        let mut out = Act::new(x.n, x.h, x.w, 2048);
-        out.copy_channels(0, &g, 0, 320);
-        self.b3x3_2a.forward_into(&g, 320, &mut out, 320);
-        self.b3x3_2b.forward_into(&g, 320, &mut out, 704);
-        let d = self.dbl_2.forward(&g, 704);
-        self.dbl_3a.forward_into(&d, 0, &mut out, 1088);
-        self.dbl_3b.forward_into(&d, 0, &mut out, 1472);
-        self.pool.run(x, &g, 1152, &mut out, 1856);
+        let (mut out, dbl) = rayon::join(
+            || {
+                let mut out = Act::new(x.n, x.h, x.w, 2048);
+                out.copy_channels(0, &g, 0, 320);
+                self.b3x3_2a.forward_into(&g, 320, &mut out, 320);
+                self.b3x3_2b.forward_into(&g, 320, &mut out, 704);
+                self.pool.run(x, &g, 1152, &mut out, 1856);
+                out
+            },
+            || {
+                let d = self.dbl_2.forward(&g, 704);
+                let mut dbl = Act::new(x.n, x.h, x.w, 768);
+                self.dbl_3a.forward_into(&d, 0, &mut dbl, 0);
+                self.dbl_3b.forward_into(&d, 0, &mut dbl, 384);
+                dbl
+            },
+        );
+        out.copy_channels(1088, &dbl, 0, 768);
         out
     }
 }
