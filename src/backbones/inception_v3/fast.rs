@@ -14,7 +14,7 @@
 //! After a block's fused GEMM its two longest branches run side by side (`rayon::join`): at
 //! batch 1 one convolution of a 17x17 or 8x8 map splits into only a few parts, and the other
 //! branch's work keeps the second core busy (InceptionV3 at batch 1 on 2 threads: 0.88x ->
-//! 0.94x ONNX Runtime, BENCHMARKS.md). Each convolution's parts depend on the layer alone, so
+//! 0.94-0.98x ONNX Runtime, BENCHMARKS.md). Each convolution's parts depend on the layer alone, so
 //! the values are the same however the branches are scheduled; the branch that cannot write
 //! into the block's output while the other does costs one channel copy.
 
@@ -155,6 +155,19 @@ fn fuse(mut parts: Vec<Conv>, pool: Option<Conv>) -> Conv {
     Conv::fuse_1x1(&parts)
 }
 
+/// Runs `block` (which makes the block's output and writes every branch but one into it) beside
+/// `branch` (the remaining branch, into an activation of its own), then copies that branch into
+/// the output's channels from `branch_c0`.
+fn side_by_side(
+    block: impl FnOnce() -> Act + Send,
+    branch: impl FnOnce() -> Act + Send,
+    branch_c0: usize,
+) -> Act {
+    let (mut out, branch) = rayon::join(block, branch);
+    out.copy_channels(branch_c0, &branch, 0, branch.c);
+    out
+}
+
 /// Mixed_5b..5d. Fused GEMM columns: branch1x1 (64) | 5x5_1 (48) | 3x3dbl_1 (64) | pool.
 struct BlockA {
     fused: Conv,
@@ -195,7 +208,7 @@ impl BlockA {
             PoolBranch::MaxThenConv(c) => c.cout,
         };
         let g = self.fused.forward(x, 0);
-        let (mut out, dbl) = rayon::join(
+        side_by_side(
             || {
                 let mut out = Act::new(x.n, x.h, x.w, 64 + 64 + 96 + pool_c);
                 out.copy_channels(0, &g, 0, 64);
@@ -204,9 +217,8 @@ impl BlockA {
                 out
             },
             || self.dbl_3.forward(&self.dbl_2.forward(&g, 112), 0),
-        );
-        out.copy_channels(128, &dbl, 0, 96);
-        out
+            128,
+        )
     }
 }
 
@@ -232,7 +244,7 @@ impl BlockB {
 
     fn forward(&self, x: &Act) -> Act {
         let (h, w) = self.b3x3.out_hw(x.h, x.w);
-        let (mut out, dbl) = rayon::join(
+        side_by_side(
             || {
                 let mut out = Act::new(x.n, h, w, 384 + 96 + x.c);
                 self.b3x3.forward_into(x, 0, &mut out, 0);
@@ -243,9 +255,8 @@ impl BlockB {
                 let d = self.dbl_2.forward(&self.dbl_1.forward(x, 0), 0);
                 self.dbl_3.forward(&d, 0)
             },
-        );
-        out.copy_channels(384, &dbl, 0, 96);
-        out
+            384,
+        )
     }
 }
 
@@ -295,7 +306,7 @@ impl BlockC {
     fn forward(&self, x: &Act) -> Act {
         let c7 = self.c7;
         let g = self.fused.forward(x, 0);
-        let (mut out, dbl) = rayon::join(
+        side_by_side(
             || {
                 let mut out = Act::new(x.n, x.h, x.w, 768);
                 out.copy_channels(0, &g, 0, 192);
@@ -311,9 +322,8 @@ impl BlockC {
                 }
                 t
             },
-        );
-        out.copy_channels(384, &dbl, 0, 192);
-        out
+            384,
+        )
     }
 }
 
@@ -348,7 +358,7 @@ impl BlockD {
     fn forward(&self, x: &Act) -> Act {
         let g = self.fused.forward(x, 0);
         let (h, w) = self.b3x3_2.out_hw(x.h, x.w);
-        let (mut out, b7) = rayon::join(
+        side_by_side(
             || {
                 let mut out = Act::new(x.n, h, w, 320 + 192 + x.c);
                 self.b3x3_2.forward_into(&g, 0, &mut out, 0);
@@ -359,9 +369,8 @@ impl BlockD {
                 let t = self.b7[1].forward(&self.b7[0].forward(&g, 192), 0);
                 self.b7[2].forward(&t, 0)
             },
-        );
-        out.copy_channels(320, &b7, 0, 192);
-        out
+            320,
+        )
     }
 }
 
@@ -399,7 +408,7 @@ impl BlockE {
 
     fn forward(&self, x: &Act) -> Act {
         let g = self.fused.forward(x, 0);
-        let (mut out, dbl) = rayon::join(
+        side_by_side(
             || {
                 let mut out = Act::new(x.n, x.h, x.w, 2048);
                 out.copy_channels(0, &g, 0, 320);
@@ -415,9 +424,8 @@ impl BlockE {
                 self.dbl_3b.forward_into(&d, 0, &mut dbl, 384);
                 dbl
             },
-        );
-        out.copy_channels(1088, &dbl, 0, 768);
-        out
+            1088,
+        )
     }
 }
 
