@@ -93,6 +93,8 @@ pub enum Key {
     WeightDecay,
     FromLayer,
     TrainBatch,
+    Mixup,
+    LabelSmoothing,
 }
 
 const LOGISTIC_KEYS: &[Key] = &[
@@ -123,6 +125,8 @@ const FINE_TUNE_KEYS: &[Key] = &[
     Key::TrainBatch,
     Key::Patience,
     Key::ValidationFraction,
+    Key::Mixup,
+    Key::LabelSmoothing,
 ];
 
 impl Key {
@@ -145,6 +149,8 @@ impl Key {
             Key::WeightDecay => "weight-decay",
             Key::FromLayer => "from-layer",
             Key::TrainBatch => "train-batch",
+            Key::Mixup => "mixup",
+            Key::LabelSmoothing => "label-smoothing",
         }
     }
 
@@ -197,7 +203,8 @@ impl Key {
             Key::ElasticNet => number(|v| (0.0..=1.0).contains(&v), "must be in [0, 1]"),
             Key::Tol => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
             Key::Lr | Key::HeadLr => number(|v| v.is_finite() && v > 0.0, "must be > 0"),
-            Key::WeightDecay => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
+            Key::WeightDecay | Key::Mixup => number(|v| v.is_finite() && v >= 0.0, "must be >= 0"),
+            Key::LabelSmoothing => number(|v| (0.0..1.0).contains(&v), "must be in [0, 1)"),
             Key::Dropout => number(|v| (0.0..1.0).contains(&v), "must be in [0, 1)"),
             Key::ValidationFraction => number(|v| (0.0..1.0).contains(&v), "must be in [0, 1)"),
             Key::MaxIter | Key::Epochs | Key::BatchSize | Key::TrainBatch => count(1),

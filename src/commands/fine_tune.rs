@@ -23,7 +23,8 @@ The network below --from-layer stays frozen: it runs once per image and view (th
 mirror) on the CPU engine, and its activations are cached (--cache-dir; keyed by image path, size \
 and modification time, network SHA-256, layer and views), so an interrupted run resumes and a \
 second run on the same images starts training at once. The blocks above it (BatchNorm held in \
-inference mode) and a new linear classifier on their average pool train with AdamW: separate \
+inference mode) and a new linear classifier on their average pool (from zeros, or with \
+--linear-probe from a logistic regression fitted on the pretrained blocks' pooled features) train with AdamW: separate \
 learning rates for the pretrained blocks (--lr) and the classifier (--head-lr), decoupled weight \
 decay, dropout before the classifier, a cosine schedule, and early stopping on a stratified \
 validation split; the model with the best validation loss is written (with --refit, a fresh copy \
@@ -38,7 +39,7 @@ every combination of the --grid values is fine-tuned on K-1 stratified folds of 
 its validation split and early stopping inside them) and scored on the held-out fold, one fit \
 after another (one fine-tune uses every core): K x combinations fine-tunes. Grid keys are the \
 flag names: lr, head-lr, from-layer, epochs, weight-decay, dropout, train-batch, patience, \
-validation-fraction; the flags give the rest. Grid points that cut at the same layer share its \
+validation-fraction, mixup, label-smoothing; the flags give the rest. Grid points that cut at the same layer share its \
 activation cache. The table (or --json) ranks the combinations best first; with -o the best \
 is fine-tuned again on all images and written. --seed also seeds the folds.")]
 pub struct Args {
@@ -109,6 +110,21 @@ pub struct Args {
     #[arg(long)]
     pub refit: bool,
 
+    /// Start the new classifier from a logistic regression fitted on the pretrained top's
+    /// pooled features (a linear probe, its L2 strength chosen on the validation split)
+    /// instead of zeros.
+    #[arg(long)]
+    pub linear_probe: bool,
+
+    /// Mixup on the cut layer's activations: each batch blended with a shuffled copy of
+    /// itself (targets alike) by a weight drawn from Beta(ALPHA, ALPHA); 0: off.
+    #[arg(long, value_name = "ALPHA", default_value_t = FineTuneParams::default().mixup)]
+    pub mixup: f64,
+
+    /// Label smoothing of the training targets (0: off).
+    #[arg(long, default_value_t = FineTuneParams::default().label_smoothing)]
+    pub label_smoothing: f64,
+
     /// Where activations are cached [default: the user cache dir, dltool/finetune].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -145,6 +161,9 @@ impl Args {
             patience: self.patience,
             seed: self.seed,
             refit: self.refit,
+            linear_probe: self.linear_probe,
+            mixup: self.mixup,
+            label_smoothing: self.label_smoothing,
         }
     }
 }
@@ -334,6 +353,15 @@ impl Setup<'_> {
         };
         let interrupted = report.interrupted;
         if !quiet {
+            if let Some(p) = &report.probe {
+                crate::note!(
+                    "the classifier started from a linear probe (L2 {}; validation loss {:.4}, \
+                     accuracy {:.4})",
+                    p.reg,
+                    p.val_loss,
+                    p.val_accuracy
+                );
+            }
             let refit = match &report.refit {
                 Some(r) if r.interrupted => {
                     "; the refit on all images was interrupted: the validated model is kept".into()

@@ -38,6 +38,8 @@ impl GridParams for FineTunePoint {
             (Key::Lr, Value::Number(v)) => p.lr = *v,
             (Key::HeadLr, Value::Number(v)) => p.head_lr = *v,
             (Key::WeightDecay, Value::Number(v)) => p.weight_decay = *v,
+            (Key::Mixup, Value::Number(v)) => p.mixup = *v,
+            (Key::LabelSmoothing, Value::Number(v)) => p.label_smoothing = *v,
             (Key::Dropout, Value::Number(v)) => p.dropout = *v,
             (Key::ValidationFraction, Value::Number(v)) => p.validation_fraction = *v,
             (Key::TrainBatch, Value::Count(v)) => p.batch_size = *v,
@@ -146,6 +148,8 @@ mod tests {
             "train-batch=16",
             "patience=1",
             "validation-fraction=0.25",
+            "mixup=0.2",
+            "label-smoothing=0.05",
         ])
         .unwrap()
         .combinations(&base());
@@ -165,6 +169,7 @@ mod tests {
             (0.2, 16, 1)
         );
         assert_eq!(p.params.validation_fraction, 0.25);
+        assert_eq!((p.params.mixup, p.params.label_smoothing), (0.2, 0.05));
         // Epochs not in the grid: the cut's default once the network is known.
         assert_eq!(p.epochs, None);
         let cut = p.resolve("efficientnet_lite0").unwrap();
@@ -185,7 +190,7 @@ mod tests {
         for (specs, needle) in [
             (
                 &["reg=0.1"][..],
-                "'reg' is not a parameter of fine-tuning (it takes lr, head-lr, from-layer, epochs, weight-decay, dropout, train-batch, patience, validation-fraction)",
+                "'reg' is not a parameter of fine-tuning (it takes lr, head-lr, from-layer, epochs, weight-decay, dropout, train-batch, patience, validation-fraction, mixup, label-smoothing)",
             ),
             (
                 &["alpha=1"][..],

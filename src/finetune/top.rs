@@ -123,6 +123,48 @@ impl FineTunedNet {
         self.classifier.forward(pooled)
     }
 
+    /// The pooled features the classifier reads (`n * pooled` floats) for `n` activations laid
+    /// back to back (NCHW), at inference.
+    pub fn pooled_features(
+        &self,
+        x: &[f32],
+        n: usize,
+        shape: [usize; 3],
+        device: &Device,
+    ) -> Vec<f32> {
+        let [c, h, w] = shape;
+        let input = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [n, c, h, w]), device);
+        inception_v3::global_avg_pool(self.top.forward(input))
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("the network returns f32")
+    }
+
+    /// Replaces the classifier by `coefficients` (`classes x pooled`, row-major) and
+    /// `intercepts` (one per class), as a fitted logistic regression gives them.
+    pub fn set_classifier(&mut self, coefficients: &[f64], intercepts: &[f64]) {
+        let pooled = self.pooled();
+        let classes = intercepts.len();
+        assert_eq!(coefficients.len(), classes * pooled, "classifier shape");
+        // Linear keeps its weight as [in, out].
+        let mut weight = vec![0f32; pooled * classes];
+        for k in 0..classes {
+            for i in 0..pooled {
+                weight[i * classes + k] = coefficients[k * pooled + i] as f32;
+            }
+        }
+        let device = self.classifier.weight.device();
+        self.classifier.weight = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(weight, [pooled, classes]),
+            &device,
+        ));
+        let bias: Vec<f32> = intercepts.iter().map(|&b| b as f32).collect();
+        self.classifier.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(bias, [classes]),
+            &device,
+        )));
+    }
+
     /// Log-probabilities for `n` activations laid back to back (`n * C*H*W` floats, NCHW).
     pub fn log_proba(&self, x: &[f32], n: usize, shape: [usize; 3], device: &Device) -> Vec<f32> {
         let [c, h, w] = shape;

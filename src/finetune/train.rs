@@ -38,6 +38,25 @@ pub struct FineTuneParams {
     /// written before it existed: those models were not refitted.
     #[serde(default)]
     pub refit: bool,
+    /// Start the new classifier from a logistic regression fitted on the pretrained top's
+    /// pooled features (linear probing, then fine-tuning: "LP-FT", Kumar et al. 2022) instead
+    /// of zeros. Missing in files written before it existed: those started from zeros.
+    #[serde(default)]
+    pub linear_probe: bool,
+    /// Mixup on the cut layer's activations ("manifold mixup", Verma et al. 2019): each batch
+    /// is blended with a shuffled copy of itself, activations and targets alike, by a weight
+    /// drawn from Beta(mixup, mixup); 0 turns it off. Cached views are few and fixed, and a
+    /// few hundred images are memorised within an epoch or two (training loss 0.007 by the
+    /// third): blends are new samples at no cost.
+    #[serde(default)]
+    pub mixup: f64,
+    /// Label smoothing: the target puts `1 - label_smoothing` on the true class and spreads
+    /// the rest evenly over all classes; 0 turns it off. 0.1 by default: over splits 0-9 of
+    /// the flowers it lifted EfficientNet-Lite2's fine-tune from +1.35 to +2.18 points over
+    /// the linear head (better than unsmoothed on 6 of the 10 splits, worse on 3;
+    /// BENCHMARKS.md). Missing in files written before it existed: those were trained without.
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 impl Default for FineTuneParams {
@@ -53,6 +72,9 @@ impl Default for FineTuneParams {
             patience: 3,
             seed: 42,
             refit: false,
+            linear_probe: false,
+            mixup: 0.0,
+            label_smoothing: 0.1,
         }
     }
 }
@@ -79,6 +101,15 @@ impl FineTuneParams {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("--dropout must be in [0, 1), not {}", self.dropout));
+        }
+        if !(self.mixup.is_finite() && self.mixup >= 0.0) {
+            return bad(format!("--mixup must be >= 0, not {}", self.mixup));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "--label-smoothing must be in [0, 1), not {}",
+                self.label_smoothing
+            ));
         }
         if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
             return bad(format!(
@@ -135,7 +166,23 @@ pub struct TrainReport {
     /// validated best when Ctrl-C stopped the refit.
     #[serde(default)]
     pub refit: Option<RefitReport>,
+    /// The linear probe the classifier started from, when there was one.
+    #[serde(default)]
+    pub probe: Option<ProbeReport>,
 }
+
+/// The logistic regression the classifier started from (see [`FineTuneParams::linear_probe`]).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct ProbeReport {
+    /// The L2 strength the validation split chose among [`PROBE_REGS`].
+    pub reg: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+}
+
+/// The L2 strengths (MLlib's `regParam`, unstandardised) the linear probe tries: the range the
+/// logistic heads of `tune` land in on pooled features.
+pub const PROBE_REGS: [f64; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 
 /// The second training of a refit: every image, `epochs` epochs of the validated run's
 /// schedule.
@@ -161,6 +208,38 @@ impl TrainReport {
 /// Learning-rate factor at step `t` of `total`: half a cosine from 1 down to 0.
 fn cosine(t: usize, total: usize) -> f64 {
     0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())
+}
+
+/// A draw from Beta(alpha, alpha): `G1 / (G1 + G2)` of two Gamma(alpha) draws.
+fn beta(rng: &mut SplitMix64, alpha: f64) -> f64 {
+    let a = gamma(rng, alpha);
+    let b = gamma(rng, alpha);
+    if a + b > 0.0 { a / (a + b) } else { 0.5 }
+}
+
+/// A draw from Gamma(shape, 1): Marsaglia and Tsang's method (2000), with the
+/// `U^(1/shape)` boost for shapes below 1.
+fn gamma(rng: &mut SplitMix64, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u = rng.next_f64().max(f64::MIN_POSITIVE);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // A standard normal by Box-Muller.
+        let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = rng.next_f64();
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let v = (1.0 + c * z).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u = rng.next_f64().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
 }
 
 /// `(train, validation)` image indices: each class split alike (shuffled by `seed`).
@@ -207,7 +286,6 @@ pub fn train(
             "too few images for a validation split".into(),
         ));
     }
-    let fresh = params.refit.then(|| net.clone());
     let mut data = Data {
         cache,
         shape,
@@ -216,10 +294,23 @@ pub fn train(
         params,
         stop,
     };
+    let mut net = net;
+    let probe = if params.linear_probe {
+        Some(linear_probe(
+            &mut net,
+            &mut data,
+            &train_images,
+            &val_images,
+        )?)
+    } else {
+        None
+    };
+    let fresh = params.refit.then(|| net.clone());
     let mut report = TrainReport {
         train_images: train_images.len(),
         val_images: val_images.len(),
         best_val_loss: f64::INFINITY,
+        probe,
         ..TrainReport::default()
     };
     let validated = fit(
@@ -261,6 +352,88 @@ pub fn train(
             Ok((validated, report))
         }
     }
+}
+
+/// Fits the classifier of `net` as a logistic regression on the pretrained top's pooled
+/// features of every view of `train_images`, the L2 strength chosen by the log loss on the
+/// original view of `val_images`. Fine-tuning then starts from a classifier that already
+/// separates the classes, so the first steps' gradients reach the pretrained blocks with a
+/// meaningful direction instead of the zero classifier's none, and the blocks' features move
+/// less (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"). Not the default:
+/// on the flowers (Lite2, split 0) the probed classifier drove the training loss to 0.11 in
+/// the first epoch, leaving the blocks little to learn from, and the best validation loss was
+/// 0.238 against 0.153 from zeros.
+fn linear_probe(
+    net: &mut FineTunedNet,
+    data: &mut Data<'_>,
+    train_images: &[usize],
+    val_images: &[usize],
+) -> Result<ProbeReport, FineTuneError> {
+    let samples: Vec<(usize, usize)> = train_images
+        .iter()
+        .flat_map(|&i| (0..VIEWS.len()).map(move |v| (i, v)))
+        .collect();
+    let val: Vec<(usize, usize)> = val_images.iter().map(|&i| (i, 0)).collect();
+    let (x_train, y_train) = pooled(net, data, &samples)?;
+    let (x_val, y_val) = pooled(net, data, &val)?;
+    let dim = net.pooled();
+    let mut best: Option<(ProbeReport, crate::logistic::LogisticModel)> = None;
+    for reg in PROBE_REGS {
+        let params = crate::logistic::LogisticParams {
+            reg,
+            standardize: false,
+            ..Default::default()
+        };
+        let (model, _) =
+            crate::logistic::fit(&x_train, dim, &y_train, data.classes, &params, |_, _| {})
+                .map_err(FineTuneError::Params)?;
+        let (mut loss, mut correct) = (0f64, 0usize);
+        for (row, &y) in x_val.chunks_exact(dim).zip(&y_val) {
+            let p = model.predict_proba(row);
+            loss -= p[y].max(f64::MIN_POSITIVE).ln();
+            correct += usize::from(model.predict(row) == y);
+        }
+        let n = y_val.len() as f64;
+        let report = ProbeReport {
+            reg,
+            val_loss: loss / n,
+            val_accuracy: correct as f64 / n,
+        };
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| report.val_loss < b.val_loss)
+        {
+            best = Some((report, model));
+        }
+    }
+    let (report, model) = best.expect("PROBE_REGS is not empty");
+    net.set_classifier(&model.coefficients, &model.intercepts);
+    Ok(report)
+}
+
+/// The pretrained top's pooled features and the label of each `(image, view)` sample, at
+/// inference; `Interrupted` if Ctrl-C came first.
+fn pooled(
+    net: &FineTunedNet,
+    data: &mut Data<'_>,
+    samples: &[(usize, usize)],
+) -> Result<(Vec<f32>, Vec<usize>), FineTuneError> {
+    const CHUNK: usize = 32;
+    let device = Device::flex();
+    let mut out = Vec::with_capacity(samples.len() * net.pooled());
+    let mut x = Vec::new();
+    for chunk in samples.chunks(CHUNK) {
+        if data.stop.load(Ordering::SeqCst) {
+            return Err(FineTuneError::Interrupted);
+        }
+        x.clear();
+        for &(image, view) in chunk {
+            data.cache.read_into(image, view, &mut x)?;
+        }
+        out.extend(net.pooled_features(&x, chunk.len(), data.shape, &device));
+    }
+    let labels = samples.iter().map(|&(i, _)| data.labels[i]).collect();
+    Ok((out, labels))
 }
 
 /// What every phase of a fine-tune reads.
@@ -332,10 +505,28 @@ fn fit(
             }
             let b = batch.len();
             x.clear();
-            let mut onehot = vec![0f32; b * classes];
+            let smooth = params.label_smoothing;
+            let mut onehot = vec![(smooth / classes as f64) as f32; b * classes];
             for (row, &(image, view)) in batch.iter().enumerate() {
                 cache.read_into(image, view, &mut x)?;
-                onehot[row * classes + labels[image]] = 1.0;
+                onehot[row * classes + labels[image]] += (1.0 - smooth) as f32;
+            }
+            if params.mixup > 0.0 && b > 1 {
+                let lambda = beta(&mut rng, params.mixup) as f32;
+                let mut partner: Vec<usize> = (0..b).collect();
+                rng.shuffle(&mut partner);
+                let blend = |v: &mut Vec<f32>, width: usize| {
+                    let original = v.clone();
+                    for (row, &other) in partner.iter().enumerate() {
+                        let mine = &mut v[row * width..(row + 1) * width];
+                        let theirs = &original[other * width..(other + 1) * width];
+                        for (a, &o) in mine.iter_mut().zip(theirs) {
+                            *a = lambda * *a + (1.0 - lambda) * o;
+                        }
+                    }
+                };
+                blend(&mut x, dim);
+                blend(&mut onehot, classes);
             }
             let [c, h, w] = shape;
             let input = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, c, h, w]), &ad);
@@ -474,6 +665,25 @@ mod tests {
     }
 
     #[test]
+    fn beta_draws_have_the_beta_mean_and_variance() {
+        for alpha in [0.2, 0.4, 1.0, 2.0] {
+            let mut rng = SplitMix64::new(3);
+            let n = 200_000;
+            let draws: Vec<f64> = (0..n).map(|_| beta(&mut rng, alpha)).collect();
+            assert!(draws.iter().all(|d| (0.0..=1.0).contains(d)));
+            let mean = draws.iter().sum::<f64>() / n as f64;
+            let var = draws.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n as f64;
+            // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+            let want = 1.0 / (4.0 * (2.0 * alpha + 1.0));
+            assert!((mean - 0.5).abs() < 0.005, "alpha {alpha}: mean {mean}");
+            assert!(
+                (var - want).abs() < 0.02 * want,
+                "alpha {alpha}: var {var} vs {want}"
+            );
+        }
+    }
+
+    #[test]
     fn files_from_before_the_refit_read_as_not_refitted() {
         let mut v = serde_json::to_value(FineTuneParams {
             refit: true,
@@ -506,6 +716,21 @@ mod tests {
             ..FineTuneParams::default()
         };
         assert!(p.check().unwrap_err().to_string().contains("--lr"));
+        let p = FineTuneParams {
+            mixup: -0.2,
+            ..FineTuneParams::default()
+        };
+        assert!(p.check().unwrap_err().to_string().contains("--mixup"));
+        let p = FineTuneParams {
+            label_smoothing: 1.0,
+            ..FineTuneParams::default()
+        };
+        assert!(
+            p.check()
+                .unwrap_err()
+                .to_string()
+                .contains("--label-smoothing")
+        );
         assert!(FineTuneParams::default().check().is_ok());
     }
 }

@@ -201,6 +201,10 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
     assert!(!params.refit && model.report.refit.is_none());
     assert_eq!(head.training.rows, model.report.train_images);
     assert!(!stderr.contains("refit epoch"), "{stderr}");
+    // The defaults: the classifier started from zeros, label smoothing 0.1, no mixup.
+    assert!(!params.linear_probe && model.report.probe.is_none());
+    assert_eq!((params.label_smoothing, params.mixup), (0.1, 0.0));
+    assert!(!stderr.contains("linear probe"), "{stderr}");
 
     // Same images, network and views: the cache answers, and the same seed gives the same file.
     let second = dir.path().join("second.safetensors");
@@ -247,6 +251,50 @@ fn small_run_end_to_end_then_cache_reuse_predict_and_evaluate() {
     assert_ne!(
         std::fs::read(&first).unwrap(),
         std::fs::read(&refitted).unwrap()
+    );
+
+    // --linear-probe: the classifier starts from a logistic regression on the pretrained
+    // top's pooled features, its L2 strength one of those tried; recorded in the file (as are
+    // --mixup and --label-smoothing).
+    let probed = dir.path().join("probed.safetensors");
+    let mut with_probe = args.to_vec();
+    // With mixup and label smoothing too: one more run covers all three.
+    with_probe.extend([
+        "--linear-probe",
+        "--mixup",
+        "0.4",
+        "--label-smoothing",
+        "0.05",
+    ]);
+    let out = run(&mut fine_tune(&train, &probed, &cache, &with_probe));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("started from a linear probe"), "{stderr}");
+    let probed_head = Head::load(&probed).unwrap();
+    let HeadModel::FineTuned {
+        model: probed_model,
+        params: probed_params,
+    } = &probed_head.model
+    else {
+        panic!("not a fine-tuned model");
+    };
+    assert!(probed_params.linear_probe);
+    assert_eq!(
+        (probed_params.mixup, probed_params.label_smoothing),
+        (0.4, 0.05)
+    );
+    let probe = probed_model.report.probe.as_ref().expect("a linear probe");
+    assert!(
+        dltool::finetune::train::PROBE_REGS.contains(&probe.reg),
+        "{probe:?}"
+    );
+    assert!(
+        probe.val_loss.is_finite() && probe.val_loss > 0.0,
+        "{probe:?}"
+    );
+    assert_ne!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&probed).unwrap()
     );
 
     // Held-out photos through the model, with the frozen part from the shared weights.
@@ -474,7 +522,8 @@ fn bad_grid_searches_are_one_line_errors() {
     fails_with(
         &mut search(&images, &cache, &["--grid", "reg=0.1"]),
         "--grid reg=0.1: 'reg' is not a parameter of fine-tuning (it takes lr, head-lr, \
-         from-layer, epochs, weight-decay, dropout, train-batch, patience, validation-fraction)",
+         from-layer, epochs, weight-decay, dropout, train-batch, patience, validation-fraction, \
+         mixup, label-smoothing)",
     );
     fails_with(
         &mut search(&images, &cache, &["--grid", "lr=1e-4,fast"]),

@@ -106,6 +106,67 @@ fn lite_top_initialised_from_pretrained_weights_computes_what_the_engine_does() 
     }
 }
 
+#[test]
+fn a_classifier_set_from_a_linear_probe_computes_its_logits_on_the_pooled_features() {
+    let folded = load_lite2();
+    let engine = EfficientNetLite::from_folded(&folded);
+    let golden = Golden::open("golden/efficientnet_lite2/net.safetensors");
+    let (shape, input) = golden.tensor("input");
+    let n = shape[0];
+    let cut = Cut::Lite {
+        spec: &LITE2,
+        stage: 5,
+    };
+    let act = engine.forward_act(&input, n, LiteLayer::Stage(5)).to_nchw();
+    let classes = 3;
+    let mut net = FineTunedNet::from_pretrained(
+        Pretrained::Lite(Box::new(folded.clone())),
+        cut,
+        classes,
+        &Device::flex(),
+    )
+    .unwrap();
+    let device = Device::flex();
+    let pooled = net.pooled_features(&act, n, cut.shape(), &device);
+    let d = net.pooled();
+    assert_eq!(pooled.len(), n * d);
+    // The pooled features are the mean of the top's last map over its positions.
+    let map = top_forward(
+        &net,
+        act.clone(),
+        [n, cut.shape()[0], cut.shape()[1], cut.shape()[2]],
+    );
+    let positions = map.len() / (n * d);
+    let mean: Vec<f32> = map
+        .chunks_exact(positions)
+        .map(|p| p.iter().sum::<f32>() / positions as f32)
+        .collect();
+    assert_close("pooled features", &pooled, &mean);
+
+    let coefficients: Vec<f64> = noise(classes * d, 5)
+        .iter()
+        .map(|&v| v as f64 * 0.1)
+        .collect();
+    let intercepts = [0.5, -0.25, 0.0];
+    net.set_classifier(&coefficients, &intercepts);
+    let ours = net.log_proba(&act, n, cut.shape(), &device);
+    let mut reference = Vec::new();
+    for row in pooled.chunks_exact(d) {
+        let logits: Vec<f64> = (0..classes)
+            .map(|k| {
+                intercepts[k]
+                    + (0..d)
+                        .map(|i| coefficients[k * d + i] * row[i] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        reference.extend(logits.iter().map(|l| (l - lse) as f32));
+    }
+    assert_close("log-probabilities", &ours, &reference);
+}
+
 /// Collects the gradient of the parameter at `target` (a dotted module path).
 struct GradOf<'a> {
     target: &'a str,
