@@ -24,9 +24,10 @@ mirror) on the CPU engine, and its activations are cached (--cache-dir; keyed by
 and modification time, network SHA-256, layer and views), so an interrupted run resumes and a \
 second run on the same images starts training at once. The blocks above it (BatchNorm held in \
 inference mode) and a new linear classifier on their average pool (from zeros, or with \
---linear-probe from a logistic regression fitted on the pretrained blocks' pooled features) train with AdamW: separate \
-learning rates for the pretrained blocks (--lr) and the classifier (--head-lr), decoupled weight \
-decay, dropout before the classifier, a cosine schedule, and early stopping on a stratified \
+--linear-probe from a logistic regression fitted on the pretrained blocks' pooled features) \
+train with AdamW: separate learning rates for the pretrained blocks (--lr) and the classifier \
+(--head-lr), decoupled weight decay, dropout before the classifier, label smoothing, optional \
+mixup of the cached activations, a cosine schedule, and early stopping on a stratified \
 validation split; the model with the best validation loss is written (with --refit, a fresh copy \
 trained on every image for that many epochs). Ctrl-C keeps the best validated model so far (exit \
 code 130).
