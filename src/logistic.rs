@@ -214,7 +214,8 @@ fn dot_f32(w: &[f64], x: &[f32]) -> f64 {
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
-fn argmax(v: &[f64]) -> usize {
+/// Index of the largest value (the lowest index on ties).
+pub fn argmax(v: &[f64]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {

@@ -265,7 +265,7 @@ pub fn split(
 /// validated model).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
-    net: FineTunedNet,
+    mut net: FineTunedNet,
     cache: &mut ActivationCache,
     shape: [usize; 3],
     images: &[usize],
@@ -294,7 +294,6 @@ pub fn train(
         params,
         stop,
     };
-    let mut net = net;
     let probe = if params.linear_probe {
         Some(linear_probe(
             &mut net,
@@ -391,7 +390,7 @@ fn linear_probe(
         for (row, &y) in x_val.chunks_exact(dim).zip(&y_val) {
             let p = model.predict_proba(row);
             loss -= p[y].max(f64::MIN_POSITIVE).ln();
-            correct += usize::from(model.predict(row) == y);
+            correct += usize::from(crate::logistic::argmax(&p) == y);
         }
         let n = y_val.len() as f64;
         let report = ProbeReport {
