@@ -38,6 +38,7 @@ pub mod backbone;
 pub mod backbone_set;
 pub mod backbones;
 pub mod bench;
+pub mod burn_ops;
 pub mod commands;
 pub mod device;
 pub mod engine;

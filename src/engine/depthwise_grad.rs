@@ -19,10 +19,15 @@ use std::ops::{Add, AddAssign, Mul};
 pub trait Real:
     Copy + Default + Send + Sync + Add<Output = Self> + Mul<Output = Self> + AddAssign
 {
+    const ONE: Self;
 }
 
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    const ONE: Self = 1.0;
+}
+impl Real for f64 {
+    const ONE: Self = 1.0;
+}
 
 /// The shape of one depthwise convolution: `kernel x kernel` taps per channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

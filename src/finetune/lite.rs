@@ -4,14 +4,13 @@
 //! bottom and right). The depthwise convolutions run the engine's kernels through
 //! [`super::depthwise`] on the CPU, and burn's grouped convolution elsewhere.
 
-use super::depthwise;
 use crate::backbones::efficientnet_lite::{
     BlockLayout, FoldedBlock, FoldedConv, FoldedLite, HEAD, LiteSpec,
 };
+use crate::burn_ops::{self, depthwise};
 use crate::engine::cpu_conv::same_padding;
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 
 /// A convolution with its folded bias, optionally followed by ReLU6.
@@ -60,7 +59,7 @@ impl LiteConv {
         } else {
             let options =
                 ConvOptions::new_with_padding([self.stride; 2], pads, [1, 1], self.groups);
-            conv2d(x, self.weight.val(), Some(self.bias.val()), options)
+            burn_ops::conv::conv2d(x, self.weight.val(), self.bias.val(), options)
         };
         if self.relu6 { y.clamp(0.0, 6.0) } else { y }
     }

@@ -13,7 +13,6 @@
 //! layer's activations (`pool none`), the head is the trained top.
 
 pub mod cache;
-pub mod depthwise;
 pub mod lite;
 pub mod search;
 pub mod top;

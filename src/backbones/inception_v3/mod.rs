@@ -210,7 +210,7 @@ impl ConvSpec {
 
 impl BasicConv2d {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.conv.forward(x);
+        let x = crate::burn_ops::conv::forward(&self.conv, x);
         let x = match &self.bn {
             Some(bn) => bn.forward(x),
             None => x,

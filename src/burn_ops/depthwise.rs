@@ -16,10 +16,11 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, DType, Dispatch, DispatchDevice, Flex, TensorMetadata,
-    backend_extension,
+    Autodiff, AutodiffBackend, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension,
 };
 use burn::prelude::*;
+
+pub use super::supported;
 
 /// The depthwise convolution and its two gradients; the geometry is checked by the caller.
 #[backend_extension(Flex, Autodiff)]
@@ -175,12 +176,6 @@ impl<B: DepthwiseOps, C: CheckpointStrategy> DepthwiseOps for Autodiff<B, C> {
             g,
         ))
     }
-}
-
-/// Whether `device` runs the extension (burn-flex on the CPU).
-pub fn supported(device: &Device) -> bool {
-    let device = device.clone().without_autodiff();
-    matches!(device.as_dispatch(), DispatchDevice::Flex(_))
 }
 
 /// `x` `[n, c, h, w]` through the depthwise `weight` `[c, 1, k, k]` with per-side padding
