@@ -60,16 +60,22 @@ impl DenseConvOps for Flex {
 
     fn dense_conv_weight_grad(x: FlexTensor, grad: FlexTensor, g: ConvGeometry) -> FlexTensor {
         let shape = [g.cout, g.cin, g.kh, g.kw];
-        let (x, grad) = (x.into_data(), grad.into_data());
-        // f64 for the gradient checks, f32 otherwise; the gradient is converted to x's type.
-        let out = if x.dtype() == DType::F64 {
-            let values = |d: TensorData| d.convert::<f64>().try_into_vec::<f64>().expect("f64");
-            TensorData::new(conv_grad::weight_grad(&values(x), &values(grad), &g), shape)
-        } else {
-            let values = |d: TensorData| d.convert::<f32>().try_into_vec::<f32>().expect("f32");
-            TensorData::new(conv_grad::weight_grad(&values(x), &values(grad), &g), shape)
+        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        // Read in place (autodiff still holds both tensors, so `into_data` would copy them);
+        // `to_contiguous` leaves a buffer holding exactly the elements, from offset 0.
+        let data = match (x.dtype(), grad.dtype()) {
+            (DType::F32, DType::F32) => TensorData::new(
+                conv_grad::weight_grad(x.storage::<f32>(), grad.storage::<f32>(), &g),
+                shape,
+            ),
+            // The gradient checks run in f64.
+            (DType::F64, DType::F64) => TensorData::new(
+                conv_grad::weight_grad(x.storage::<f64>(), grad.storage::<f64>(), &g),
+                shape,
+            ),
+            (a, b) => panic!("dense_conv_weight_grad: {a:?} input with a {b:?} gradient"),
         };
-        FlexTensor::from_data(out)
+        FlexTensor::from_data(data)
     }
 }
 

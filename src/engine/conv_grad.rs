@@ -11,6 +11,7 @@
 
 use super::depthwise_grad::Real;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The shape of one convolution: `kh x kw` taps, `cin -> cout` channels; the batch comes from
 /// the tensors' lengths.
@@ -89,43 +90,39 @@ pub fn weight_grad<T: Real + 'static>(x: &[T], grad: &[T], g: &ConvGeometry) -> 
 
     // Row (ci, i, j) of the unfolded input: tap (i, j) of channel ci at every output position
     // of every image, zero where it falls in the padding.
-    let mut unfolded = vec![T::default(); taps * cols];
-    unfolded
-        .par_chunks_mut(cols)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (ci, tap) = (row / (g.kh * g.kw), row % (g.kh * g.kw));
-            let (i, j) = (tap / g.kw, tap % g.kw);
-            for b in 0..n {
-                let src = &x[(b * g.cin + ci) * plane..][..plane];
-                let dst = &mut dst[b * l..][..l];
-                for oy in 0..g.out_h {
-                    let y = (oy * g.stride[0] + i).wrapping_sub(g.pad_top);
-                    let dst = &mut dst[oy * g.out_w..][..g.out_w];
-                    if y >= g.in_h {
-                        continue;
-                    }
-                    let src = &src[y * g.in_w..][..g.in_w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let xx = (ox * g.stride[1] + j).wrapping_sub(g.pad_left);
-                        if xx < g.in_w {
-                            *d = src[xx];
-                        }
-                    }
+    let unfolded = rows_filled(taps * cols, cols, |row, dst| {
+        let (ci, tap) = (row / (g.kh * g.kw), row % (g.kh * g.kw));
+        let (i, j) = (tap / g.kw, tap % g.kw);
+        for b in 0..n {
+            let src = &x[(b * g.cin + ci) * plane..][..plane];
+            let dst = &mut dst[b * l..][..l];
+            for oy in 0..g.out_h {
+                let y = (oy * g.stride[0] + i).wrapping_sub(g.pad_top);
+                let dst = &mut dst[oy * g.out_w..][..g.out_w];
+                if y >= g.in_h {
+                    dst.iter_mut().for_each(|d| {
+                        d.write(T::default());
+                    });
+                    continue;
+                }
+                let src = &src[y * g.in_w..][..g.in_w];
+                for (ox, d) in dst.iter_mut().enumerate() {
+                    let xx = (ox * g.stride[1] + j).wrapping_sub(g.pad_left);
+                    d.write(if xx < g.in_w { src[xx] } else { T::default() });
                 }
             }
-        });
+        }
+    });
 
     // The output's gradient with the batch folded into the positions: `[cout, n * l]`.
-    let mut gathered = vec![T::default(); g.cout * cols];
-    gathered
-        .par_chunks_mut(cols)
-        .enumerate()
-        .for_each(|(co, dst)| {
-            for b in 0..n {
-                dst[b * l..][..l].copy_from_slice(&grad[(b * g.cout + co) * l..][..l]);
+    let gathered = rows_filled(g.cout * cols, cols, |co, dst| {
+        for b in 0..n {
+            let src = &grad[(b * g.cout + co) * l..][..l];
+            for (d, &v) in dst[b * l..][..l].iter_mut().zip(src) {
+                d.write(v);
             }
-        });
+        }
+    });
 
     // out[cout, taps] = gathered[cout, cols] x unfolded[taps, cols]^T.
     // SAFETY: the three buffers hold exactly the m x k, k x n and m x n elements the strides
@@ -154,6 +151,25 @@ pub fn weight_grad<T: Real + 'static>(x: &[T], grad: &[T], g: &ConvGeometry) -> 
         );
     }
     out
+}
+
+/// `len` elements in rows of `row`, each row written whole by `fill(row index, row)` on the rayon
+/// pool. Why not `vec![0; len]` first: these buffers are tens of MB, and glibc serves them from
+/// its heap once a few have been freed, so the zeroing is a serial memset on the calling thread
+/// (a few percent of an epoch in perf) for values overwritten right after.
+fn rows_filled<T: Real>(
+    len: usize,
+    row: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(row)
+        .enumerate()
+        .for_each(|(r, dst)| fill(r, dst));
+    // SAFETY: every caller's `fill` writes each element of its row (the padding as zeros).
+    unsafe { v.set_len(len) };
+    v
 }
 
 #[cfg(test)]
