@@ -20,7 +20,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
-pub use super::supported;
+use super::supported;
 use burn::tensor::module;
 use burn::tensor::ops::ConvOptions;
 

@@ -5,7 +5,7 @@
 //! an EfficientNet-Lite block was about half of a fine-tuning epoch. The engine's NCHW kernels
 //! ([`crate::engine::depthwise_grad`]) compute each gradient in one pass over the maps. burn-flex
 //! runs them on the CPU; autodiff records the operation and calls them back for the gradients.
-//! Other backends (wgpu) keep burn's grouped convolution: [`supported`] says which.
+//! Other backends (wgpu) keep burn's grouped convolution: [`super::supported`] says which.
 
 use crate::engine::depthwise_grad::{self, DwGeometry};
 use burn::backend::autodiff::NodeId;
@@ -19,8 +19,6 @@ use burn::backend::{
     Autodiff, AutodiffBackend, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension,
 };
 use burn::prelude::*;
-
-pub use super::supported;
 
 /// The depthwise convolution and its two gradients; the geometry is checked by the caller.
 #[backend_extension(Flex, Autodiff)]
@@ -234,7 +232,7 @@ mod tests {
     #[test]
     fn matches_burns_grouped_convolution_forward_and_backward() {
         let device = Device::flex().autodiff();
-        assert!(supported(&device));
+        assert!(crate::burn_ops::supported(&device));
         for (stride, k, pads) in [(2, 5, [(1, 2), (2, 2)]), (1, 3, [(1, 1), (1, 1)])] {
             let x = noise([2, 6, 7, 6], 1, &device).require_grad();
             let w = noise([6, 1, k, k], 2, &device).require_grad();

@@ -53,7 +53,7 @@ impl LiteConv {
         };
         let pads = [pad(h, kh), pad(w, kw)];
         let [cout, _, _, _] = self.weight.dims();
-        let y = if self.groups > 1 && depthwise::supported(&x.device()) {
+        let y = if self.groups > 1 && burn_ops::supported(&x.device()) {
             depthwise::depthwise_conv2d(x, self.weight.val(), self.stride, pads)
                 + self.bias.val().reshape([1, cout, 1, 1])
         } else {
