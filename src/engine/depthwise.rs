@@ -218,21 +218,72 @@ fn row_generic<M: MulAdd, const K: usize>(
     }
 }
 
-/// Channels `c0..c0 + L` of output row `oy`: the block's taps and biases are loaded once,
-/// then each output pixel sums its taps inside the image (zero padding contributes nothing)
-/// in a fixed order (ky, then kx) and is stored once, epilogue applied. Pixels whose window
-/// lies inside the image take a branch-free, fully unrolled path.
+/// The epilogue as a constant of [`block_with`], so that every variant's store is a vector
+/// operation (a runtime match per lane kept the accumulator on the stack and stored it one
+/// lane at a time: most of Xception's depthwise time, where the epilogue is `None`).
+const E_NONE: u8 = 0;
+const E_BIAS: u8 = 1;
+const E_RELU: u8 = 2;
+const E_RELU6: u8 = 3;
+
+/// Output pixels one sweep of [`block_with`] computes together inside the image: their
+/// accumulators are independent chains of FMAs (one chain per pixel left the FMA units waiting
+/// on each other's latency), and with stride 1 neighbours share each loaded input column.
+const PIXELS: usize = 4;
+
 #[allow(clippy::too_many_arguments)]
-// Index loops over the L lanes and K taps: fixed-size arrays the compiler keeps in registers;
-// max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
 #[inline(always)]
-#[allow(clippy::needless_range_loop, clippy::manual_clamp)]
 fn block<M: MulAdd, const K: usize, const L: usize>(
     g: &Geometry,
     src: &[f32],
     w: &[f32],
     bias: &[f32],
     e: Epilogue,
+    oy: usize,
+    c0: usize,
+    dst: &mut [f32],
+) {
+    match g.stride {
+        1 => block_stride::<M, K, L, 1>(g, src, w, bias, e, oy, c0, dst),
+        _ => block_stride::<M, K, L, 2>(g, src, w, bias, e, oy, c0, dst),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_stride<M: MulAdd, const K: usize, const L: usize, const S: usize>(
+    g: &Geometry,
+    src: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    e: Epilogue,
+    oy: usize,
+    c0: usize,
+    dst: &mut [f32],
+) {
+    match e {
+        Epilogue::None => block_with::<M, K, L, E_NONE, S>(g, src, w, bias, oy, c0, dst),
+        Epilogue::Bias => block_with::<M, K, L, E_BIAS, S>(g, src, w, bias, oy, c0, dst),
+        Epilogue::BiasRelu => block_with::<M, K, L, E_RELU, S>(g, src, w, bias, oy, c0, dst),
+        Epilogue::BiasRelu6 => block_with::<M, K, L, E_RELU6, S>(g, src, w, bias, oy, c0, dst),
+    }
+}
+
+/// Channels `c0..c0 + L` of output row `oy`: the block's taps and biases are loaded once,
+/// then each output pixel sums its taps inside the image (zero padding contributes nothing)
+/// in a fixed order (ky, then kx) and is stored once, epilogue applied. Runs of [`PIXELS`]
+/// pixels whose windows lie inside the image take a branch-free, fully unrolled path that
+/// adds each pixel's taps in that same order, so both paths give the same bits.
+#[allow(clippy::too_many_arguments)]
+// Index loops over the L lanes and K taps: fixed-size arrays the compiler keeps in registers;
+// max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
+#[inline(always)]
+#[allow(clippy::needless_range_loop, clippy::manual_clamp)]
+fn block_with<M: MulAdd, const K: usize, const L: usize, const E: u8, const S: usize>(
+    g: &Geometry,
+    src: &[f32],
+    w: &[f32],
+    bias: &[f32],
     oy: usize,
     c0: usize,
     dst: &mut [f32],
@@ -245,57 +296,80 @@ fn block<M: MulAdd, const K: usize, const L: usize>(
         }
     }
     let b: [f32; L] = bias[c0..c0 + L].try_into().expect("L biases");
-    let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+    let iy0 = (oy * S) as isize - g.pad_top as isize;
     let ky_lo = (-iy0).max(0) as usize;
     let ky_hi = (g.h as isize - iy0).clamp(0, K as isize) as usize;
     let rows_inside = ky_lo == 0 && ky_hi == K;
     assert!(src.len() >= g.h * g.w * c && dst.len() >= g.wo * c);
     let src = src.as_ptr();
-    for ox in 0..g.wo {
-        let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
-        let mut acc = [0.0f32; L];
-        if rows_inside && ix0 >= 0 && ix0 as usize + K <= g.w {
+    let dst = dst.as_mut_ptr();
+    let store = |ox: usize, acc: &[f32; L]| {
+        // SAFETY: callers pass ox < wo, and c0 + L <= c: inside dst (asserted).
+        let out = unsafe { &mut *(dst.add(ox * c + c0) as *mut [f32; L]) };
+        for l in 0..L {
+            out[l] = match E {
+                E_NONE => acc[l],
+                E_BIAS => acc[l] + b[l],
+                E_RELU => (acc[l] + b[l]).max(0.0),
+                _ => (acc[l] + b[l]).max(0.0).min(6.0),
+            };
+        }
+    };
+    // Input columns a run of PIXELS outputs reads.
+    let span = (PIXELS - 1) * S + K;
+    let mut ox = 0;
+    while ox < g.wo {
+        let ix0 = (ox * S) as isize - g.pad_left as isize;
+        if rows_inside && ix0 >= 0 && ox + PIXELS <= g.wo && ix0 as usize + span <= g.w {
             let base = (iy0 as usize * g.w + ix0 as usize) * c + c0;
+            let mut acc = [[0.0f32; L]; PIXELS];
             for ky in 0..K {
-                for kx in 0..K {
-                    // SAFETY: the whole window lies inside the image, so this pixel's L
-                    // channels from c0 lie inside src (length asserted above).
-                    let xv = unsafe { &*(src.add(base + (ky * g.w + kx) * c) as *const [f32; L]) };
-                    for l in 0..L {
-                        acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
+                for col in 0..span {
+                    // SAFETY: every window of the run lies inside the image, so this
+                    // pixel's L channels from c0 lie inside src (length asserted above).
+                    let xv = unsafe { &*(src.add(base + (ky * g.w + col) * c) as *const [f32; L]) };
+                    for j in 0..PIXELS {
+                        // Column col is tap kx = col - j * S of output j, if that is a tap.
+                        if col >= j * S && col - j * S < K {
+                            let kx = col - j * S;
+                            for l in 0..L {
+                                acc[j][l] = M::mul_add(xv[l], taps[ky][kx][l], acc[j][l]);
+                            }
+                        }
                     }
                 }
             }
-        } else {
-            let kx_lo = (-ix0).max(0) as usize;
-            let kx_hi = (g.w as isize - ix0).clamp(0, K as isize) as usize;
-            for ky in ky_lo..ky_hi {
-                let line = (iy0 + ky as isize) as usize * g.w;
-                for kx in kx_lo..kx_hi {
-                    let p = (line + (ix0 + kx as isize) as usize) * c + c0;
-                    // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges
-                    // above), so p + L <= h * w * c <= src.len().
-                    let xv = unsafe { &*(src.add(p) as *const [f32; L]) };
-                    for l in 0..L {
-                        acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
-                    }
+            for (j, a) in acc.iter().enumerate() {
+                store(ox + j, a);
+            }
+            ox += PIXELS;
+            continue;
+        }
+        let mut acc = [0.0f32; L];
+        let kx_lo = (-ix0).max(0) as usize;
+        let kx_hi = (g.w as isize - ix0).clamp(0, K as isize) as usize;
+        // Loops over all K taps with the bounds as tests, not as loop limits: the compiler
+        // unrolls them, so the taps stay in registers instead of being indexed on the stack.
+        for ky in 0..K {
+            if ky < ky_lo || ky >= ky_hi {
+                continue;
+            }
+            let line = (iy0 + ky as isize) as usize * g.w;
+            for kx in 0..K {
+                if kx < kx_lo || kx >= kx_hi {
+                    continue;
+                }
+                let p = (line + (ix0 + kx as isize) as usize) * c + c0;
+                // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges
+                // above), so p + L <= h * w * c <= src.len().
+                let xv = unsafe { &*(src.add(p) as *const [f32; L]) };
+                for l in 0..L {
+                    acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
                 }
             }
         }
-        // SAFETY: ox < wo and c0 + L <= c, inside dst (asserted).
-        let out = unsafe { &mut *(dst.as_mut_ptr().add(ox * c + c0) as *mut [f32; L]) };
-        match e {
-            Epilogue::BiasRelu6 => {
-                for l in 0..L {
-                    out[l] = (acc[l] + b[l]).max(0.0).min(6.0);
-                }
-            }
-            _ => {
-                for l in 0..L {
-                    out[l] = e.apply(acc[l], b[l]);
-                }
-            }
-        }
+        store(ox, &acc);
+        ox += 1;
     }
 }
 
@@ -369,13 +443,7 @@ mod tests {
                 let b = pseudo(c, 3);
                 for e in [Epilogue::BiasRelu6, Epilogue::Bias, Epilogue::BiasRelu] {
                     let want = naive(&x, [n, h, w, c], &wt, &b, k, s, e);
-                    let xa = Act {
-                        n,
-                        h,
-                        w,
-                        c,
-                        data: x.clone(),
-                    };
+                    let xa = Act::from_vec(n, h, w, c, x.clone());
                     for &isa in &paths {
                         let conv = DepthwiseConv::new(&wt, &b, c, k, s, e).with_simd(isa);
                         let got = conv.forward(&xa);
@@ -405,13 +473,7 @@ mod tests {
     #[test]
     fn same_padding_puts_the_extra_row_at_the_end() {
         let x: Vec<f32> = (0..16).map(|v| v as f32 / 10.0).collect();
-        let xa = Act {
-            n: 1,
-            h: 4,
-            w: 4,
-            c: 1,
-            data: x,
-        };
+        let xa = Act::from_vec(1, 4, 4, 1, x);
         let conv = DepthwiseConv::new(&[1.0; 9], &[0.0], 1, 3, 2, Epilogue::Bias);
         let got = conv.forward(&xa);
         // (0,0): rows 0..=2, cols 0..=2 → (0+1+2 + 4+5+6 + 8+9+10) / 10 = 4.5.
@@ -434,13 +496,7 @@ mod tests {
         let wt = pseudo(c * 25, 5);
         let b = pseudo(c, 2);
         let conv = DepthwiseConv::new(&wt, &b, c, 5, 2, Epilogue::BiasRelu6);
-        let batch = conv.forward(&Act {
-            n: 3,
-            h,
-            w,
-            c,
-            data: x.clone(),
-        });
+        let batch = conv.forward(&Act::from_vec(3, h, w, c, x.clone()));
         let one_thread = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
@@ -448,13 +504,7 @@ mod tests {
         let per = h * w * c;
         let out_per = batch.data.len() / 3;
         for i in 0..3 {
-            let alone = Act {
-                n: 1,
-                h,
-                w,
-                c,
-                data: x[i * per..(i + 1) * per].to_vec(),
-            };
+            let alone = Act::from_vec(1, h, w, c, x[i * per..(i + 1) * per].to_vec());
             let single = one_thread.install(|| conv.forward(&alone));
             assert_eq!(
                 single.data[..],
