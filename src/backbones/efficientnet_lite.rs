@@ -716,13 +716,7 @@ impl EfficientNetLite {
     /// without one.
     pub fn logits(&self, pooled: &[f32], n: usize) -> Option<Vec<f32>> {
         let fc = self.fc.as_ref()?;
-        let x = Act {
-            n,
-            h: 1,
-            w: 1,
-            c: HEAD,
-            data: pooled.to_vec(),
-        };
+        let x = Act::from_vec(n, 1, 1, HEAD, pooled.to_vec());
         Some(fc.forward(&x, 0).data.clone())
     }
 

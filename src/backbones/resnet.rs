@@ -38,9 +38,9 @@ pub const LAYERS: [&str; 5] = ["layer1", "layer2", "layer3", "layer4", "pool"];
 struct Bottleneck {
     conv1: Conv,
     conv2: Conv,
-    /// Bare product; its bias joins the residual sum.
+    /// Bias, no ReLU: the shortcut is added and the ReLU applied in its own tile pass.
     conv3: Conv,
-    /// Projection shortcut (bare product, bias in the residual sum), `None` for identity.
+    /// Projection shortcut (bias, no ReLU), `None` for identity.
     downsample: Option<Conv>,
 }
 
@@ -48,15 +48,10 @@ impl Bottleneck {
     fn forward(&self, x: &Act) -> Act {
         let t = self.conv1.forward(x, 0);
         let t = self.conv2.forward(&t, 0);
-        let mut y = self.conv3.forward(&t, 0);
         match &self.downsample {
-            Some(d) => {
-                let s = d.forward(x, 0);
-                cpu_ops::residual_relu(&mut y, &self.conv3.bias, &s, Some(&d.bias));
-            }
-            None => cpu_ops::residual_relu(&mut y, &self.conv3.bias, x, None),
+            Some(d) => self.conv3.forward_residual_relu(&t, &d.forward(x, 0)),
+            None => self.conv3.forward_residual_relu(&t, x),
         }
-        y
     }
 }
 
@@ -157,7 +152,7 @@ impl ResNet {
                     conv2 = conv2.with_winograd(TILE_3X3);
                 }
                 let conv3 = conv_bn(sd, &format!("{p}.conv3"), &format!("{p}.bn3"), mid, 1, 1, 0)?
-                    .with_epilogue(Epilogue::None);
+                    .with_epilogue(Epilogue::Bias);
                 let cout = conv3.cout;
                 let downsample = if sd.has(&format!("{p}.downsample.0.weight")) {
                     let d = conv_bn(
@@ -175,7 +170,7 @@ impl ResNet {
                             d.cout
                         )));
                     }
-                    Some(d.with_epilogue(Epilogue::None))
+                    Some(d.with_epilogue(Epilogue::Bias))
                 } else {
                     if stride != 1 || cin != cout {
                         return Err(sd.layout_error(format!(

@@ -27,34 +27,73 @@ use crate::engine::winograd::WinogradConv;
 /// Buffers of dropped activations are kept for the next ones: a network allocates the same
 /// few sizes batch after batch, and fresh multi-megabyte allocations cost page faults and
 /// zeroing on every layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Act {
     pub n: usize,
     pub h: usize,
     pub w: usize,
     pub c: usize,
     pub data: Vec<f32>,
+    /// Floats at the start of `data`'s allocation known to be initialised (at least its
+    /// length), and the allocation they belong to (its address; `data` is public and could
+    /// be replaced). A recycled buffer grows within this prefix without zeroing it again.
+    init: (usize, usize),
+}
+
+/// A dropped [`Act`]'s buffer and how many of its floats are initialised.
+struct Spare {
+    data: Vec<f32>,
+    init: usize,
 }
 
 /// Buffers of dropped [`Act`]s, for reuse.
-static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+static SPARE: Mutex<Vec<Spare>> = Mutex::new(Vec::new());
 /// Spare buffers kept at most (an InceptionV3 forward pass has fewer live at once).
 const SPARE_MAX: usize = 24;
+
+impl Clone for Act {
+    fn clone(&self) -> Self {
+        Self::from_vec(self.n, self.h, self.w, self.c, self.data.clone())
+    }
+}
 
 impl Drop for Act {
     fn drop(&mut self) {
         let data = std::mem::take(&mut self.data);
-        if data.is_empty() {
+        if data.capacity() == 0 {
             return;
         }
+        let init = if self.init.1 == data.as_ptr() as usize {
+            self.init.0.clamp(data.len(), data.capacity())
+        } else {
+            data.len()
+        };
         let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < SPARE_MAX {
-            spare.push(data);
+            spare.push(Spare { data, init });
         }
     }
 }
 
 impl Act {
+    /// An activation holding `data` (`n * h * w * c` floats, NHWC).
+    pub fn from_vec(n: usize, h: usize, w: usize, c: usize, data: Vec<f32>) -> Self {
+        assert_eq!(
+            data.len(),
+            n * h * w * c,
+            "activation data has the wrong length"
+        );
+        let init = (data.len(), data.as_ptr() as usize);
+        Self {
+            n,
+            h,
+            w,
+            c,
+            data,
+            init,
+        }
+    }
+
     pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
         let mut act = Self::new(n, h, w, c);
         act.data.fill(0.0);
@@ -71,19 +110,36 @@ impl Act {
             // capacity: a big buffer that last held a small activation is still big (judged by
             // length, networks whose sizes vary a lot, like EfficientNet, kept allocating).
             let best = (0..spare.len())
-                .filter(|&i| spare[i].capacity() >= len)
-                .min_by_key(|&i| spare[i].capacity());
+                .filter(|&i| spare[i].data.capacity() >= len)
+                .min_by_key(|&i| spare[i].data.capacity());
             best.map(|i| spare.swap_remove(i))
         };
-        let data = match recycled {
-            Some(mut v) => {
-                // Within capacity: no allocation; only a grown tail is written.
-                v.resize(len, 0.0);
-                v
+        let (data, init) = match recycled {
+            Some(Spare { mut data, init }) => {
+                if len <= init {
+                    // SAFETY: len <= init <= capacity, and the first `init` floats of this
+                    // allocation were written before (by `vec!` or a resize below), so the
+                    // new length covers initialised floats only.
+                    unsafe { data.set_len(len) };
+                } else {
+                    // Within capacity: no allocation; only the never-written tail is zeroed.
+                    // SAFETY: as above, for the first `init` floats.
+                    unsafe { data.set_len(init) };
+                    data.resize(len, 0.0);
+                }
+                (data, init.max(len))
             }
-            None => vec![0.0; len],
+            None => (vec![0.0; len], len),
         };
-        Self { n, h, w, c, data }
+        let init = (init, data.as_ptr() as usize);
+        Self {
+            n,
+            h,
+            w,
+            c,
+            data,
+            init,
+        }
     }
 
     /// Pixels (rows) in the whole batch.
@@ -392,6 +448,17 @@ impl Conv {
     /// `self(x) + residual`, the sum taken on each output tile right after its epilogue (an
     /// inverted-residual block's skip connection, without another pass over memory).
     pub fn forward_residual(&self, x: &Act, residual: &Act) -> Act {
+        self.with_residual(x, residual, false)
+    }
+
+    /// `max(self(x) + residual, 0)`, the end of a ResNet block in the same tile pass: a
+    /// separate sum-and-ReLU pass reads and writes each block's whole output once more
+    /// (layer1's is 26 MB at batch 8).
+    pub fn forward_residual_relu(&self, x: &Act, residual: &Act) -> Act {
+        self.with_residual(x, residual, true)
+    }
+
+    fn with_residual(&self, x: &Act, residual: &Act, relu: bool) -> Act {
         let (ho, wo) = self.out_hw(x.h, x.w);
         assert_eq!(
             (residual.n, residual.h, residual.w, residual.c),
@@ -399,7 +466,7 @@ impl Conv {
             "residual shape does not match the convolution's output"
         );
         let mut out = Act::new(x.n, ho, wo, self.cout);
-        self.forward_inner(x, 0, &mut out, 0, Some(residual));
+        self.forward_inner(x, 0, &mut out, 0, Some((residual, relu)));
         out
     }
 
@@ -409,7 +476,8 @@ impl Conv {
         x_c0: usize,
         out: &mut Act,
         out_c0: usize,
-        residual: Option<&Act>,
+        // The residual, and whether a ReLU follows the sum.
+        residual: Option<(&Act, bool)>,
     ) {
         let (ho, wo) = self.out_hw(x.h, x.w);
         assert!(x_c0 + self.cin <= x.c, "input channels out of range");
@@ -420,6 +488,7 @@ impl Conv {
             "output shape does not match the convolution"
         );
         if let Some(wg) = &self.winograd {
+            assert!(residual.is_none(), "Winograd convolutions take no residual");
             return wg.forward_into(x, x_c0, out, out_c0);
         }
         let direct =
@@ -454,7 +523,7 @@ impl Conv {
                     let d = dst.get().add(r0 * out_c + out_c0);
                     self.gemm_tile(m, k, a, a_rs, d, out_c, cols.clone());
                     self.epilogue_tile(d, m, out_c, cols.clone());
-                    if let Some(res) = residual {
+                    if let Some((res, relu)) = residual {
                         // Same shape as `out` and out_c0 == 0 (forward_residual).
                         for r in 0..m {
                             let src = &res.data[(r0 + r) * out_c + cols.start..][..cols.len()];
@@ -462,7 +531,13 @@ impl Conv {
                                 d.add(r * out_c + cols.start),
                                 cols.len(),
                             );
-                            row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
+                            if relu {
+                                row.iter_mut()
+                                    .zip(src)
+                                    .for_each(|(v, s)| *v = (*v + s).max(0.0));
+                            } else {
+                                row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
+                            }
                         }
                     }
                 }

@@ -71,34 +71,6 @@ pub fn max_pool(x: &Act, k: usize, s: usize, p: usize) -> Act {
     out
 }
 
-/// The end of a residual block: `y = max(y + bias + shortcut (+ shortcut_bias), 0)`, in
-/// place. `y` is a convolution's bare product (its BatchNorm bias not yet added), and so is
-/// the shortcut when it is a projection with a bias of its own.
-pub fn residual_relu(y: &mut Act, bias: &[f32], shortcut: &Act, shortcut_bias: Option<&[f32]>) {
-    assert_eq!(
-        (y.n, y.h, y.w, y.c),
-        (shortcut.n, shortcut.h, shortcut.w, shortcut.c),
-        "residual shapes differ"
-    );
-    assert_eq!(bias.len(), y.c);
-    let c = y.c;
-    // One bias vector: the two biases are constants per channel.
-    let total: Vec<f32> = match shortcut_bias {
-        Some(b) => bias.iter().zip(b).map(|(a, b)| a + b).collect(),
-        None => bias.to_vec(),
-    };
-    y.data
-        .par_chunks_mut(c * 64)
-        .zip(shortcut.data.par_chunks(c * 64))
-        .for_each(|(d, s)| {
-            for (dp, sp) in d.chunks_exact_mut(c).zip(s.chunks_exact(c)) {
-                for ((v, r), b) in dp.iter_mut().zip(sp).zip(&total) {
-                    *v = (*v + r + b).max(0.0);
-                }
-            }
-        });
-}
-
 /// The end of a residual block without an activation after the sum (Xception's): `y += shortcut`,
 /// in place.
 pub fn residual_add(y: &mut Act, shortcut: &Act) {
