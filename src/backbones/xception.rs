@@ -26,7 +26,6 @@ use crate::engine::cpu_conv::{Act, Conv, Epilogue};
 use crate::engine::cpu_ops::{self, Linear};
 use crate::engine::depthwise::DepthwiseConv;
 use crate::image_io::{ChannelOrder, Preprocess, Resize};
-use rayon::prelude::*;
 use std::path::Path;
 
 /// PyTorch's BatchNorm2d default, which timm's `legacy_xception` keeps (Keras used 1e-3 when
@@ -60,6 +59,12 @@ impl SeparableConv {
         self.pointwise.forward(&self.depthwise.forward(x), 0)
     }
 
+    /// `self(x) + residual`, the sum taken in the pointwise convolution's tile pass.
+    fn forward_residual(&self, x: &Act, residual: &Act) -> Act {
+        self.pointwise
+            .forward_residual(&self.depthwise.forward(x), residual)
+    }
+
     fn cout(&self) -> usize {
         self.pointwise.cout
     }
@@ -67,8 +72,6 @@ impl SeparableConv {
 
 /// One Xception block.
 struct Block {
-    /// `rep` starts with a ReLU of the input (every block but `block1`).
-    start_relu: bool,
     /// The separable convolutions of `rep`, all but the last ending in BatchNorm + ReLU, the
     /// last in BatchNorm alone.
     seps: Vec<SeparableConv>,
@@ -77,34 +80,22 @@ struct Block {
 }
 
 impl Block {
+    /// The leading ReLU is read by the first depthwise convolution (`with_relu_input`) and the
+    /// shortcut sum is taken in the last convolution's tile pass: neither costs a pass over
+    /// memory of its own.
     fn forward(&self, x: &Act) -> Act {
-        let relu;
-        let first = if self.start_relu {
-            let mut r = Act::new(x.n, x.h, x.w, x.c);
-            // Not in place: the input is also the shortcut.
-            r.data
-                .par_chunks_mut(1 << 14)
-                .zip(x.data.par_chunks(1 << 14))
-                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, v)| *d = v.max(0.0)));
-            relu = r;
-            &relu
-        } else {
-            x
-        };
-        let mut t = self.seps[0].forward(first);
-        for sep in &self.seps[1..] {
-            t = sep.forward(&t);
+        let (last, rest) = self
+            .seps
+            .split_last()
+            .expect("a block has separable convolutions");
+        let mut t = None;
+        for sep in rest {
+            t = Some(sep.forward(t.as_ref().unwrap_or(x)));
         }
+        let t = t.as_ref().unwrap_or(x);
         match &self.skip {
-            Some(skip) => {
-                let mut y = cpu_ops::max_pool(&t, 3, 2, 1);
-                cpu_ops::residual_add(&mut y, &skip.forward(x, 0));
-                y
-            }
-            None => {
-                cpu_ops::residual_add(&mut t, x);
-                t
-            }
+            Some(skip) => skip.forward_residual(x, &cpu_ops::max_pool(&last.forward(t), 3, 2, 1)),
+            None => last.forward_residual(t, x),
         }
     }
 }
@@ -178,19 +169,24 @@ fn conv_bn(
     ))
 }
 
-/// The separable convolution `sep` (`sep.conv1` depthwise, `sep.pointwise`) + BatchNorm `bn`.
+/// The separable convolution `sep` (`sep.conv1` depthwise, `sep.pointwise`) + BatchNorm `bn`,
+/// of `max(x, 0)` when `relu_input`.
 fn separable(
     sd: &mut StateDict,
     sep: &str,
     bn: &str,
     cin: usize,
     epilogue: Epilogue,
+    relu_input: bool,
 ) -> Result<SeparableConv, StateDictError> {
     let dw = sd.take_shaped(
         &format!("{sep}.conv1.weight"),
         &[Some(cin), Some(1), Some(3), Some(3)],
     )?;
-    let depthwise = DepthwiseConv::new(&dw.data, &vec![0.0; cin], cin, 3, 1, Epilogue::None);
+    let mut depthwise = DepthwiseConv::new(&dw.data, &vec![0.0; cin], cin, 3, 1, Epilogue::None);
+    if relu_input {
+        depthwise = depthwise.with_relu_input();
+    }
     let mut pw = sd.take_shaped(
         &format!("{sep}.pointwise.weight"),
         &[None, Some(cin), Some(1), Some(1)],
@@ -234,6 +230,9 @@ fn block(sd: &mut StateDict, b: usize, cin: usize) -> Result<Block, StateDictErr
             &format!("{p}.rep.{}", i + 1),
             c,
             epilogue,
+            // Every ReLU of `rep` before its first convolution; the later ones are the
+            // previous pointwise convolution's epilogue.
+            start_relu && k == 0,
         )?;
         c = sep.cout();
         seps.push(sep);
@@ -255,11 +254,7 @@ fn block(sd: &mut StateDict, b: usize, cin: usize) -> Result<Block, StateDictErr
         }
         None
     };
-    Ok(Block {
-        start_relu,
-        seps,
-        skip,
-    })
+    Ok(Block { seps, skip })
 }
 
 fn out_channels(b: &Block) -> usize {
@@ -277,7 +272,8 @@ impl Xception {
 
     fn from_state_dict(sd: &mut StateDict) -> Result<Self, StateDictError> {
         let conv1 = conv_bn(sd, "conv1", "bn1", 3, 3, 2)?;
-        let conv2 = conv_bn(sd, "conv2", "bn2", conv1.cout, 3, 1)?;
+        // Stride 1, no padding: Winograd, as InceptionV3's 3x3 convolutions.
+        let conv2 = conv_bn(sd, "conv2", "bn2", conv1.cout, 3, 1)?.with_winograd([4, 4]);
         let count = (1..)
             .take_while(|b| {
                 sd.has(&format!("block{b}.rep.0.conv1.weight"))
@@ -309,8 +305,8 @@ impl Xception {
         let exit = blocks.pop().expect("counted");
         let middle = blocks.split_off(entry_len);
         let entry = blocks;
-        let conv3 = separable(sd, "conv3", "bn3", cin, Epilogue::BiasRelu)?;
-        let conv4 = separable(sd, "conv4", "bn4", conv3.cout(), Epilogue::BiasRelu)?;
+        let conv3 = separable(sd, "conv3", "bn3", cin, Epilogue::BiasRelu, false)?;
+        let conv4 = separable(sd, "conv4", "bn4", conv3.cout(), Epilogue::BiasRelu, false)?;
         let features = conv4.cout();
         let fc = if sd.has("fc.weight") {
             let w = sd.take_shaped("fc.weight", &[None, Some(features)])?;

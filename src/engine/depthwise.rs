@@ -29,6 +29,9 @@ pub struct DepthwiseConv {
     w: Vec<f32>,
     bias: Vec<f32>,
     epilogue: Epilogue,
+    /// Reads `max(x, 0)` instead of `x` (a ReLU before the convolution that must not change
+    /// its input, which is also a shortcut: Xception's blocks).
+    relu_input: bool,
     /// A path forced for this convolution alone (tests); `None`: [`cpu::simd`].
     simd: Option<Simd>,
 }
@@ -65,8 +68,21 @@ impl DepthwiseConv {
             w,
             bias: bias.to_vec(),
             epilogue,
+            relu_input: false,
             simd: None,
         }
+    }
+
+    /// The same convolution of `max(x, 0)`, the ReLU applied to each value as it is loaded
+    /// (no pass over the input, which stays as it is). Only with [`Epilogue::None`].
+    pub fn with_relu_input(mut self) -> Self {
+        assert_eq!(
+            self.epilogue,
+            Epilogue::None,
+            "an input ReLU goes with a bare depthwise output"
+        );
+        self.relu_input = true;
+        self
     }
 
     /// The same convolution computed by another path (tests compare them).
@@ -95,6 +111,7 @@ impl DepthwiseConv {
             pad_top: same_padding(x.h, self.kernel, self.stride).1,
             pad_left: same_padding(x.w, self.kernel, self.stride).1,
             wo,
+            relu_input: self.relu_input,
         };
         let image = x.h * x.w * x.c;
         out.data
@@ -136,6 +153,7 @@ struct Geometry {
     pad_top: usize,
     pad_left: usize,
     wo: usize,
+    relu_input: bool,
 }
 
 /// `a * b + c`, fused or not.
@@ -261,11 +279,23 @@ fn block_stride<M: MulAdd, const K: usize, const L: usize, const S: usize>(
     c0: usize,
     dst: &mut [f32],
 ) {
-    match e {
-        Epilogue::None => block_with::<M, K, L, E_NONE, S>(g, src, w, bias, oy, c0, dst),
-        Epilogue::Bias => block_with::<M, K, L, E_BIAS, S>(g, src, w, bias, oy, c0, dst),
-        Epilogue::BiasRelu => block_with::<M, K, L, E_RELU, S>(g, src, w, bias, oy, c0, dst),
-        Epilogue::BiasRelu6 => block_with::<M, K, L, E_RELU6, S>(g, src, w, bias, oy, c0, dst),
+    // The input ReLU only with a bare output (`with_relu_input`): five variants, not eight.
+    match (e, g.relu_input) {
+        (Epilogue::None, true) => {
+            block_with::<M, K, L, E_NONE, S, true>(g, src, w, bias, oy, c0, dst)
+        }
+        (Epilogue::None, false) => {
+            block_with::<M, K, L, E_NONE, S, false>(g, src, w, bias, oy, c0, dst)
+        }
+        (Epilogue::Bias, _) => {
+            block_with::<M, K, L, E_BIAS, S, false>(g, src, w, bias, oy, c0, dst)
+        }
+        (Epilogue::BiasRelu, _) => {
+            block_with::<M, K, L, E_RELU, S, false>(g, src, w, bias, oy, c0, dst)
+        }
+        (Epilogue::BiasRelu6, _) => {
+            block_with::<M, K, L, E_RELU6, S, false>(g, src, w, bias, oy, c0, dst)
+        }
     }
 }
 
@@ -279,7 +309,14 @@ fn block_stride<M: MulAdd, const K: usize, const L: usize, const S: usize>(
 // max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
 #[inline(always)]
 #[allow(clippy::needless_range_loop, clippy::manual_clamp)]
-fn block_with<M: MulAdd, const K: usize, const L: usize, const E: u8, const S: usize>(
+fn block_with<
+    M: MulAdd,
+    const K: usize,
+    const L: usize,
+    const E: u8,
+    const S: usize,
+    const RELU_IN: bool,
+>(
     g: &Geometry,
     src: &[f32],
     w: &[f32],
@@ -327,7 +364,7 @@ fn block_with<M: MulAdd, const K: usize, const L: usize, const E: u8, const S: u
                 for col in 0..span {
                     // SAFETY: every window of the run lies inside the image, so this
                     // pixel's L channels from c0 lie inside src (length asserted above).
-                    let xv = unsafe { &*(src.add(base + (ky * g.w + col) * c) as *const [f32; L]) };
+                    let xv = unsafe { load::<L, RELU_IN>(src.add(base + (ky * g.w + col) * c)) };
                     for j in 0..PIXELS {
                         // Column col is tap kx = col - j * S of output j, if that is a tap.
                         if col >= j * S && col - j * S < K {
@@ -362,7 +399,7 @@ fn block_with<M: MulAdd, const K: usize, const L: usize, const E: u8, const S: u
                 let p = (line + (ix0 + kx as isize) as usize) * c + c0;
                 // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges
                 // above), so p + L <= h * w * c <= src.len().
-                let xv = unsafe { &*(src.add(p) as *const [f32; L]) };
+                let xv = unsafe { load::<L, RELU_IN>(src.add(p)) };
                 for l in 0..L {
                     acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
                 }
@@ -371,6 +408,20 @@ fn block_with<M: MulAdd, const K: usize, const L: usize, const E: u8, const S: u
         store(ox, &acc);
         ox += 1;
     }
+}
+
+/// The `L` floats at `p`, through a ReLU when `RELU_IN`.
+///
+/// # Safety
+/// `p` points at `L` readable floats.
+#[inline(always)]
+unsafe fn load<const L: usize, const RELU_IN: bool>(p: *const f32) -> [f32; L] {
+    // SAFETY: the caller vouches for p.
+    let mut v = unsafe { *(p as *const [f32; L]) };
+    if RELU_IN {
+        v.iter_mut().for_each(|x| *x = x.max(0.0));
+    }
+    v
 }
 
 #[cfg(test)]
@@ -441,11 +492,23 @@ mod tests {
                 let x = pseudo(n * h * w * c, (k * 100 + h * 10 + c) as u64);
                 let wt = pseudo(c * k * k, 7 + c as u64);
                 let b = pseudo(c, 3);
-                for e in [Epilogue::BiasRelu6, Epilogue::Bias, Epilogue::BiasRelu] {
-                    let want = naive(&x, [n, h, w, c], &wt, &b, k, s, e);
+                let relu: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+                for (e, relu_input) in [
+                    (Epilogue::BiasRelu6, false),
+                    (Epilogue::Bias, false),
+                    (Epilogue::BiasRelu, false),
+                    (Epilogue::None, false),
+                    (Epilogue::None, true),
+                ] {
+                    let input = if relu_input { &relu } else { &x };
+                    let want = naive(input, [n, h, w, c], &wt, &b, k, s, e);
+                    // The ReLU'd convolution reads the input as it is.
                     let xa = Act::from_vec(n, h, w, c, x.clone());
                     for &isa in &paths {
-                        let conv = DepthwiseConv::new(&wt, &b, c, k, s, e).with_simd(isa);
+                        let mut conv = DepthwiseConv::new(&wt, &b, c, k, s, e).with_simd(isa);
+                        if relu_input {
+                            conv = conv.with_relu_input();
+                        }
                         let got = conv.forward(&xa);
                         assert_eq!(
                             (got.h, got.w),
@@ -459,7 +522,8 @@ mod tests {
                             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
                         assert!(
                             worst <= 1e-5,
-                            "{isa:?} k{k} s{s} {h}x{w}x{c} {e:?}: max |diff| {worst}"
+                            "{isa:?} k{k} s{s} {h}x{w}x{c} {e:?} relu input {relu_input}: \
+                             max |diff| {worst}"
                         );
                     }
                 }
