@@ -305,25 +305,43 @@ impl WinogradConv {
         let band = self.band_rows(tiles_x, tiles_y);
         let row_len = wo * out.c;
         let img_len = ho * row_len;
-        let mut work: Vec<(usize, usize, &mut [f32])> = Vec::new();
-        for (img, img_out) in out.data.chunks_mut(img_len).enumerate() {
-            let mut rest = img_out;
-            let mut ty0 = 0;
-            while ty0 < tiles_y {
-                let ty1 = (ty0 + band).min(tiles_y);
-                let rows = (ty1 * my).min(ho) - ty0 * my;
-                let (head, tail) = rest.split_at_mut(rows * row_len);
-                work.push((img, ty0, head));
-                rest = tail;
-                ty0 = ty1;
+        // (first image, images, first tile row, output rows)
+        let mut work: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+        if band >= tiles_y {
+            // A whole image is one band (small maps: 4 tiles an image at 7x7): several images
+            // go through each GEMM, as the im2col path's row tiles do, so the GEMMs are not a
+            // few rows tall. GEMM rows do not depend on each other (`gemm` blocks k by k
+            // alone), so an image's features stay the same bits whatever its batch.
+            let per_image = tiles_y * tiles_x;
+            let group = (self.band_tiles() / per_image).clamp(1, x.n);
+            let group = x.n.div_ceil(x.n.div_ceil(group));
+            let mut img = 0;
+            for part in out.data.chunks_mut(group * img_len) {
+                let imgs = part.len() / img_len;
+                work.push((img, imgs, 0, part));
+                img += imgs;
+            }
+        } else {
+            for (img, img_out) in out.data.chunks_mut(img_len).enumerate() {
+                let mut rest = img_out;
+                let mut ty0 = 0;
+                while ty0 < tiles_y {
+                    let ty1 = (ty0 + band).min(tiles_y);
+                    let rows = (ty1 * my).min(ho) - ty0 * my;
+                    let (head, tail) = rest.split_at_mut(rows * row_len);
+                    work.push((img, 1, ty0, head));
+                    rest = tail;
+                    ty0 = ty1;
+                }
             }
         }
         let out_c = out.c;
-        work.into_par_iter().for_each(|(img, ty0, dst)| {
-            let rows = dst.len() / row_len;
+        work.into_par_iter().for_each(|(img, imgs, ty0, dst)| {
+            let rows = dst.len() / imgs / row_len;
             let ty1 = ty0 + rows.div_ceil(my);
             let band = Band {
                 img,
+                imgs,
                 tys: ty0..ty1,
                 tiles_x,
                 out_c,
@@ -335,12 +353,16 @@ impl WinogradConv {
         });
     }
 
-    /// Tile rows per band: about 64-256 tiles (rows of each GEMM), fewer when the layer is wide
-    /// so the transformed band stays near 1 MB (0.25-2 MB measured within noise).
-    fn band_rows(&self, tiles_x: usize, tiles_y: usize) -> usize {
+    /// Tiles per band (rows of each GEMM) the layer aims at: 64-256, fewer when the layer is
+    /// wide so the transformed band stays near 1 MB (0.25-2 MB measured within noise).
+    fn band_tiles(&self) -> usize {
         let per_tile = self.alpha[0] * self.alpha[1] * (self.cin + self.cout) * 4;
-        let want = ((1 << 20) / per_tile).clamp(64, 256);
-        let rows = want.div_ceil(tiles_x).clamp(1, tiles_y);
+        ((1 << 20) / per_tile).clamp(64, 256)
+    }
+
+    /// Tile rows per band of one image: [`Self::band_tiles`] tiles or the whole image.
+    fn band_rows(&self, tiles_x: usize, tiles_y: usize) -> usize {
+        let rows = self.band_tiles().div_ceil(tiles_x).clamp(1, tiles_y);
         // Even bands, so the last is not a sliver.
         let bands = tiles_y.div_ceil(rows);
         tiles_y.div_ceil(bands)
@@ -352,7 +374,10 @@ impl WinogradConv {
         let [my, mx] = self.tile;
         let positions = ay * ax;
         let (cin, cout) = (self.cin, self.cout);
-        let tiles = b.tys.len() * b.tiles_x;
+        // Tile rows of the band, image after image.
+        let nty = b.tys.len();
+        let tiles = b.imgs * nty * b.tiles_x;
+        let row_of = |i: usize| (b.img + i / nty, b.tys.start + i % nty);
         let row_len = b.wo * b.out_c;
         // Taken out of the thread-local rather than borrowed: while this thread waits for the
         // parallel GEMMs below, rayon may run another band on it, which takes (or makes) its
@@ -369,36 +394,34 @@ impl WinogradConv {
                 // Tile rows in parallel: each writes its own rows of every position's plane.
                 let vp = crate::engine::cpu_conv::SyncPtr(v.as_mut_ptr());
                 let v_len = positions * tiles * cin;
-                b.tys
-                    .clone()
-                    .into_par_iter()
-                    .enumerate()
-                    .for_each(|(i, ty)| {
-                        for tx in 0..b.tiles_x {
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: avx512() checked the CPU and the channel counts; tile
-                            // i * tiles_x + tx's rows of v are written by this tile row alone.
-                            unsafe {
-                                avx512::input(
-                                    self,
-                                    x,
-                                    x_c0,
-                                    b.img,
-                                    [ty, tx],
-                                    vp.get(),
-                                    v_len,
-                                    i * b.tiles_x + tx,
-                                    tiles,
-                                )
-                            };
-                            #[cfg(not(target_arch = "x86_64"))]
-                            let _ = (i, ty, tx, &vp, v_len);
-                        }
-                    });
-            } else {
-                for (i, ty) in b.tys.clone().enumerate() {
+                (0..b.imgs * nty).into_par_iter().for_each(|i| {
+                    let (img, ty) = row_of(i);
                     for tx in 0..b.tiles_x {
-                        self.gather(x, x_c0, b.img, ty, tx, d);
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: avx512() checked the CPU and the channel counts; tile
+                        // i * tiles_x + tx's rows of v are written by this tile row alone.
+                        unsafe {
+                            avx512::input(
+                                self,
+                                x,
+                                x_c0,
+                                img,
+                                [ty, tx],
+                                vp.get(),
+                                v_len,
+                                i * b.tiles_x + tx,
+                                tiles,
+                            )
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (i, img, ty, tx, &vp, v_len);
+                    }
+                });
+            } else {
+                for i in 0..b.imgs * nty {
+                    let (img, ty) = row_of(i);
+                    for tx in 0..b.tiles_x {
+                        self.gather(x, x_c0, img, ty, tx, d);
                         transform_input(self, d, t, v, i * b.tiles_x + tx, tiles);
                     }
                 }
@@ -439,8 +462,14 @@ impl WinogradConv {
             if fast {
                 // Tile rows in parallel, each writing its own output rows.
                 let m = &m[..positions * tiles * cout];
-                dst.par_chunks_mut(my * row_len)
+                let per_image = dst.len() / b.imgs;
+                dst.par_chunks_mut(per_image)
                     .enumerate()
+                    .flat_map(|(ii, d)| {
+                        d.par_chunks_mut(my * row_len)
+                            .enumerate()
+                            .map(move |(i, rows)| (ii * nty + i, rows))
+                    })
                     .for_each(|(i, rows)| {
                         let mut offsets = [usize::MAX; 64];
                         for tx in 0..b.tiles_x {
@@ -464,9 +493,11 @@ impl WinogradConv {
                         }
                     });
             } else {
-                for i in 0..b.tys.len() {
+                let per_image = dst.len() / b.imgs;
+                for (ii, i) in (0..b.imgs).flat_map(|ii| (0..nty).map(move |i| (ii, i))) {
                     for tx in 0..b.tiles_x {
-                        transform_output(self, m, t, d, i * b.tiles_x + tx, tiles);
+                        let tile = (ii * nty + i) * b.tiles_x + tx;
+                        transform_output(self, m, t, d, tile, tiles);
                         // d now holds the tile's my x mx x cout outputs.
                         for yy in 0..my {
                             let oy = i * my + yy;
@@ -475,7 +506,10 @@ impl WinogradConv {
                             }
                             for xx in 0..mx.min(b.wo - tx * mx) {
                                 let src = &d[(yy * mx + xx) * cout..(yy * mx + xx + 1) * cout];
-                                let o = oy * row_len + (tx * mx + xx) * b.out_c + b.out_c0;
+                                let o = ii * per_image
+                                    + oy * row_len
+                                    + (tx * mx + xx) * b.out_c
+                                    + b.out_c0;
                                 for ((o, s), bias) in
                                     dst[o..o + cout].iter_mut().zip(src).zip(&self.bias)
                                 {
@@ -527,9 +561,11 @@ impl WinogradConv {
     }
 }
 
-/// One work item: a band of tile rows of one image, and where its outputs go.
+/// One work item: a band of tile rows of one image, or the whole of `imgs` images (then
+/// `tys` is every tile row), and where its outputs go.
 struct Band {
     img: usize,
+    imgs: usize,
     tys: std::ops::Range<usize>,
     tiles_x: usize,
     /// Channels of the output activation (its row stride per pixel).
