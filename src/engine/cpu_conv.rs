@@ -257,22 +257,6 @@ impl Epilogue {
             Epilogue::None => v,
         }
     }
-
-    /// [`Epilogue::apply`] over a row, with the match outside the loop so that it vectorises.
-    #[inline(always)]
-    #[allow(clippy::manual_clamp)] // as in `apply`
-    fn apply_row(self, row: &mut [f32], bias: &[f32]) {
-        match self {
-            Epilogue::BiasRelu => row.iter_mut().zip(bias).for_each(|(v, b)| {
-                *v = (*v + b).max(0.0);
-            }),
-            Epilogue::BiasRelu6 => row.iter_mut().zip(bias).for_each(|(v, b)| {
-                *v = (*v + b).max(0.0).min(6.0);
-            }),
-            Epilogue::Bias => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
-            Epilogue::None => {}
-        }
-    }
 }
 
 /// TensorFlow's "SAME" padding of one dimension: the output size `ceil(input / stride)` and
@@ -522,24 +506,10 @@ impl Conv {
                 unsafe {
                     let d = dst.get().add(r0 * out_c + out_c0);
                     self.gemm_tile(m, k, a, a_rs, d, out_c, cols.clone());
-                    self.epilogue_tile(d, m, out_c, cols.clone());
-                    if let Some((res, relu)) = residual {
-                        // Same shape as `out` and out_c0 == 0 (forward_residual).
-                        for r in 0..m {
-                            let src = &res.data[(r0 + r) * out_c + cols.start..][..cols.len()];
-                            let row = std::slice::from_raw_parts_mut(
-                                d.add(r * out_c + cols.start),
-                                cols.len(),
-                            );
-                            if relu {
-                                row.iter_mut()
-                                    .zip(src)
-                                    .for_each(|(v, s)| *v = (*v + s).max(0.0));
-                            } else {
-                                row.iter_mut().zip(src).for_each(|(v, s)| *v += s);
-                            }
-                        }
-                    }
+                    // Same shape as `out` and out_c0 == 0 (forward_residual): the residual's
+                    // rows r0.. line up with this tile's.
+                    let res = residual.map(|(res, relu)| (&res.data[r0 * out_c..], relu));
+                    self.finish_tile(d, m, out_c, cols.clone(), res);
                 }
             });
         });
@@ -658,33 +628,111 @@ impl Conv {
         }
     }
 
-    /// Each column's epilogue on columns `cols` of `m` rows.
+    /// Each column's epilogue on columns `cols` of `m` rows, then `+ residual` (rows of
+    /// `dst_rs` floats, the tile's first at `residual[0]`) and a ReLU when asked: one pass over
+    /// the tile while it is in cache.
     ///
     /// # Safety
     /// As for [`Conv::gemm_tile`].
-    unsafe fn epilogue_tile(
+    unsafe fn finish_tile(
         &self,
         dst: *mut f32,
         m: usize,
         dst_rs: usize,
         cols: std::ops::Range<usize>,
+        residual: Option<(&[f32], bool)>,
     ) {
         let bias = &self.bias[cols.clone()];
         let epilogue = &self.epilogue[cols.clone()];
         let uniform = epilogue.iter().all(|e| *e == epilogue[0]);
+        let simd = crate::engine::cpu::simd();
         for r in 0..m {
             // SAFETY: the caller vouches for these columns of row r.
             let row = unsafe {
                 std::slice::from_raw_parts_mut(dst.add(r * dst_rs + cols.start), cols.len())
             };
+            let res =
+                residual.map(|(res, relu)| (&res[r * dst_rs + cols.start..][..cols.len()], relu));
             if uniform {
-                epilogue[0].apply_row(row, bias);
+                finish_row(simd, epilogue[0], row, bias, res);
             } else {
                 for ((v, b), e) in row.iter_mut().zip(bias).zip(epilogue) {
                     *v = e.apply(*v, *b);
                 }
+                finish_row(simd, Epilogue::None, row, bias, res);
             }
         }
+    }
+}
+
+/// [`finish_row_with`] for the epilogue `e`, compiled for the widest vectors `simd` allows
+/// (the build targets baseline x86-64, whose SSE2 loops moved a quarter of AVX-512's).
+#[inline]
+fn finish_row(
+    simd: crate::engine::cpu::Simd,
+    e: Epilogue,
+    row: &mut [f32],
+    bias: &[f32],
+    residual: Option<(&[f32], bool)>,
+) {
+    use crate::engine::cpu::Simd;
+    if e == Epilogue::None && residual.is_none() {
+        return;
+    }
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `cpu::simd` only gives paths the CPU has.
+        Simd::Avx512 => unsafe { finish_row_avx512(e, row, bias, residual) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { finish_row_avx2(e, row, bias, residual) },
+        _ => finish_row_any(e, row, bias, residual),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn finish_row_avx512(e: Epilogue, row: &mut [f32], b: &[f32], res: Option<(&[f32], bool)>) {
+    finish_row_any(e, row, b, res)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn finish_row_avx2(e: Epilogue, row: &mut [f32], b: &[f32], res: Option<(&[f32], bool)>) {
+    finish_row_any(e, row, b, res)
+}
+
+// max then min as in `Epilogue::apply`.
+#[allow(clippy::manual_clamp)]
+#[inline(always)]
+fn finish_row_any(e: Epilogue, row: &mut [f32], bias: &[f32], res: Option<(&[f32], bool)>) {
+    match e {
+        Epilogue::BiasRelu => finish_row_with(|v, b| (v + b).max(0.0), row, bias, res),
+        Epilogue::BiasRelu6 => finish_row_with(|v, b| (v + b).max(0.0).min(6.0), row, bias, res),
+        Epilogue::Bias => finish_row_with(|v, b| v + b, row, bias, res),
+        Epilogue::None => finish_row_with(|v, _| v, row, bias, res),
+    }
+}
+
+/// `row = f(row, bias) [+ residual [then ReLU]]`, the match outside the loop so it vectorises.
+#[inline(always)]
+fn finish_row_with(
+    f: impl Fn(f32, f32) -> f32,
+    row: &mut [f32],
+    bias: &[f32],
+    residual: Option<(&[f32], bool)>,
+) {
+    match residual {
+        None => row.iter_mut().zip(bias).for_each(|(v, b)| *v = f(*v, *b)),
+        Some((r, false)) => row
+            .iter_mut()
+            .zip(bias)
+            .zip(r)
+            .for_each(|((v, b), r)| *v = f(*v, *b) + r),
+        Some((r, true)) => row
+            .iter_mut()
+            .zip(bias)
+            .zip(r)
+            .for_each(|((v, b), r)| *v = (f(*v, *b) + r).max(0.0)),
     }
 }
 
