@@ -246,23 +246,43 @@ impl WinogradConv {
         let ty = Transform1d::new(tile[0], kh);
         let tx = Transform1d::new(tile[1], kw);
         let (ay, ax) = (ty.alpha, tx.alpha);
-        let mut u = vec![0.0f32; ay * ax * cin * cout];
-        let mut gw = vec![0.0f64; ay * kw];
-        for co in 0..cout {
-            for ci in 0..cin {
-                let g = |y: usize, x: usize| weight[((y * kw + x) * cin + ci) * cout + co] as f64;
-                // G_y g, then (G_y g) G_x^T
+        // One input channel at a time, in parallel, all output channels innermost: the weight
+        // rows it reads and the `u` rows it fills are contiguous (by output channel first, the
+        // transform read and wrote with a stride of `cout` floats: ~2 s of ResNet50's loading).
+        // Each value is the same sum in the same order as before.
+        use rayon::prelude::*;
+        let planes: Vec<Vec<f32>> = (0..cin)
+            .into_par_iter()
+            .map(|ci| {
+                let w = |y: usize, x: usize| &weight[((y * kw + x) * cin + ci) * cout..][..cout];
+                // G_y g, then (G_y g) G_x^T; gw is [a][x][co].
+                let mut gw = vec![0.0f64; ay * kw * cout];
                 for a in 0..ay {
                     for x in 0..kw {
-                        gw[a * kw + x] = (0..kh).map(|y| ty.g[a * kh + y] * g(y, x)).sum();
+                        for co in 0..cout {
+                            gw[(a * kw + x) * cout + co] =
+                                (0..kh).map(|y| ty.g[a * kh + y] * w(y, x)[co] as f64).sum();
+                        }
                     }
                 }
+                let mut plane = vec![0.0f32; ay * ax * cout];
                 for a in 0..ay {
                     for b in 0..ax {
-                        let v: f64 = (0..kw).map(|x| gw[a * kw + x] * tx.g[b * kw + x]).sum();
-                        u[((a * ax + b) * cin + ci) * cout + co] = v as f32;
+                        for co in 0..cout {
+                            let v: f64 = (0..kw)
+                                .map(|x| gw[(a * kw + x) * cout + co] * tx.g[b * kw + x])
+                                .sum();
+                            plane[(a * ax + b) * cout + co] = v as f32;
+                        }
                     }
                 }
+                plane
+            })
+            .collect();
+        let mut u = vec![0.0f32; ay * ax * cin * cout];
+        for (ci, plane) in planes.iter().enumerate() {
+            for p in 0..ay * ax {
+                u[(p * cin + ci) * cout..][..cout].copy_from_slice(&plane[p * cout..][..cout]);
             }
         }
         Self {
