@@ -35,9 +35,12 @@ pub struct Act {
     pub c: usize,
     pub data: Vec<f32>,
     /// Floats at the start of `data`'s allocation known to be initialised (at least its
-    /// length), and the allocation they belong to (its address; `data` is public and could
-    /// be replaced). A recycled buffer grows within this prefix without zeroing it again.
-    init: (usize, usize),
+    /// length), and the allocation they belong to (address and capacity: `data` is public and
+    /// could be replaced, and a replacement is then recycled by its length alone). A recycled
+    /// buffer grows within this prefix without zeroing it again. Code that swaps `data` for a
+    /// `Vec` whose tail is uninitialised and that lands at the same address with the same
+    /// capacity would defeat the check; nothing in the crate replaces `data`.
+    init: (usize, usize, usize),
 }
 
 /// A dropped [`Act`]'s buffer and how many of its floats are initialised.
@@ -63,7 +66,7 @@ impl Drop for Act {
         if data.capacity() == 0 {
             return;
         }
-        let init = if self.init.1 == data.as_ptr() as usize {
+        let init = if (self.init.1, self.init.2) == (data.as_ptr() as usize, data.capacity()) {
             self.init.0.clamp(data.len(), data.capacity())
         } else {
             data.len()
@@ -83,7 +86,7 @@ impl Act {
             n * h * w * c,
             "activation data has the wrong length"
         );
-        let init = (data.len(), data.as_ptr() as usize);
+        let init = (data.len(), data.as_ptr() as usize, data.capacity());
         Self {
             n,
             h,
@@ -131,7 +134,7 @@ impl Act {
             }
             None => (vec![0.0; len], len),
         };
-        let init = (init, data.as_ptr() as usize);
+        let init = (init, data.as_ptr() as usize, data.capacity());
         Self {
             n,
             h,

@@ -249,6 +249,9 @@ const E_RELU6: u8 = 3;
 /// on each other's latency), and with stride 1 neighbours share each loaded input column.
 const PIXELS: usize = 4;
 
+/// [`block_with`] for this call's stride, epilogue and input ReLU, all compile-time constants
+/// there. The input ReLU only with a bare output (`with_relu_input`): five epilogue variants
+/// per stride, not eight.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<M: MulAdd, const K: usize, const L: usize>(
@@ -261,41 +264,25 @@ fn block<M: MulAdd, const K: usize, const L: usize>(
     c0: usize,
     dst: &mut [f32],
 ) {
-    match g.stride {
-        1 => block_stride::<M, K, L, 1>(g, src, w, bias, e, oy, c0, dst),
-        _ => block_stride::<M, K, L, 2>(g, src, w, bias, e, oy, c0, dst),
+    macro_rules! run {
+        ($e:expr, $s:literal, $relu:literal) => {
+            block_with::<M, K, L, { $e }, $s, $relu>(g, src, w, bias, oy, c0, dst)
+        };
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn block_stride<M: MulAdd, const K: usize, const L: usize, const S: usize>(
-    g: &Geometry,
-    src: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    e: Epilogue,
-    oy: usize,
-    c0: usize,
-    dst: &mut [f32],
-) {
-    // The input ReLU only with a bare output (`with_relu_input`): five variants, not eight.
-    match (e, g.relu_input) {
-        (Epilogue::None, true) => {
-            block_with::<M, K, L, E_NONE, S, true>(g, src, w, bias, oy, c0, dst)
-        }
-        (Epilogue::None, false) => {
-            block_with::<M, K, L, E_NONE, S, false>(g, src, w, bias, oy, c0, dst)
-        }
-        (Epilogue::Bias, _) => {
-            block_with::<M, K, L, E_BIAS, S, false>(g, src, w, bias, oy, c0, dst)
-        }
-        (Epilogue::BiasRelu, _) => {
-            block_with::<M, K, L, E_RELU, S, false>(g, src, w, bias, oy, c0, dst)
-        }
-        (Epilogue::BiasRelu6, _) => {
-            block_with::<M, K, L, E_RELU6, S, false>(g, src, w, bias, oy, c0, dst)
-        }
+    macro_rules! per_epilogue {
+        ($s:literal) => {
+            match (e, g.relu_input) {
+                (Epilogue::None, true) => run!(E_NONE, $s, true),
+                (Epilogue::None, false) => run!(E_NONE, $s, false),
+                (Epilogue::Bias, _) => run!(E_BIAS, $s, false),
+                (Epilogue::BiasRelu, _) => run!(E_RELU, $s, false),
+                (Epilogue::BiasRelu6, _) => run!(E_RELU6, $s, false),
+            }
+        };
+    }
+    match g.stride {
+        1 => per_epilogue!(1),
+        _ => per_epilogue!(2),
     }
 }
 
