@@ -16,6 +16,7 @@
 
 use crate::engine::cpu_conv::{Act, Conv, Epilogue};
 use crate::engine::depthwise::DepthwiseConv;
+use crate::engine::inverted_residual::InvertedResidual;
 use crate::image_io::Preprocess;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -587,44 +588,23 @@ impl FoldedLite {
     }
 }
 
-/// Expansion (absent when the ratio is 1), depthwise, projection.
-struct MbConv {
-    expand: Option<Conv>,
-    depthwise: DepthwiseConv,
-    project: Conv,
-    residual: bool,
-}
-
-impl MbConv {
-    fn new(f: &FoldedBlock) -> Self {
-        let b = &f.layout;
-        let d = &f.depthwise;
-        Self {
-            expand: f.expand.as_ref().map(|e| e.pointwise(Epilogue::BiasRelu6)),
-            depthwise: DepthwiseConv::new(
-                &d.weight,
-                &d.bias,
-                b.mid,
-                b.kernel,
-                b.stride,
-                Epilogue::BiasRelu6,
-            ),
-            project: f.project.pointwise(Epilogue::Bias),
-            residual: b.residual(),
-        }
-    }
-
-    fn forward(&self, x: &Act) -> Act {
-        let d = match &self.expand {
-            Some(e) => self.depthwise.forward(&e.forward(x, 0)),
-            None => self.depthwise.forward(x),
-        };
-        if self.residual {
-            self.project.forward_residual(&d, x)
-        } else {
-            self.project.forward(&d, 0)
-        }
-    }
+/// An MBConv block (no squeeze-and-excitation in the Lite variants) on the engine.
+fn mbconv(f: &FoldedBlock) -> InvertedResidual {
+    let b = &f.layout;
+    let d = &f.depthwise;
+    InvertedResidual::new(
+        f.expand.as_ref().map(|e| e.pointwise(Epilogue::BiasRelu6)),
+        DepthwiseConv::new(
+            &d.weight,
+            &d.bias,
+            b.mid,
+            b.kernel,
+            b.stride,
+            Epilogue::BiasRelu6,
+        ),
+        f.project.pointwise(Epilogue::Bias),
+        b.residual(),
+    )
 }
 
 /// Images run through the whole network together: a batch is cut into passes of this many so
@@ -636,7 +616,7 @@ const IMAGES_PER_PASS: usize = 4;
 pub struct EfficientNetLite {
     pub spec: &'static LiteSpec,
     stem: Conv,
-    blocks: Vec<MbConv>,
+    blocks: Vec<InvertedResidual>,
     head: Conv,
     /// The ImageNet classifier as a 1x1 convolution over the pooled head.
     fc: Option<Conv>,
@@ -672,7 +652,7 @@ impl EfficientNetLite {
         Self {
             spec: f.spec,
             stem,
-            blocks: f.blocks.iter().map(MbConv::new).collect(),
+            blocks: f.blocks.iter().map(mbconv).collect(),
             head: f.head.pointwise(Epilogue::BiasRelu6),
             fc,
         }

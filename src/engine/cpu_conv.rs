@@ -518,6 +518,36 @@ impl Conv {
         });
     }
 
+    /// This 1x1 convolution of `m` pixels on the calling thread: `src` holds them as rows of
+    /// `src_rs` floats (the input channels first), `dst` receives `[m][cout]` with the
+    /// epilogue applied and `residual` (`[m][cout]`) added when given. For callers that cut
+    /// the work into tiles themselves (a fused block, band by band).
+    pub fn pointwise_rows(
+        &self,
+        src: &[f32],
+        src_rs: usize,
+        m: usize,
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        assert!(
+            self.kernel == [1, 1] && self.stride == [1, 1] && self.pad_before(1, 1) == [0, 0],
+            "pointwise_rows takes a plain 1x1 convolution"
+        );
+        assert!(self.winograd.is_none());
+        assert!(src_rs >= self.cin && dst.len() >= m * self.cout);
+        if let Some(r) = residual {
+            assert!(r.len() >= m * self.cout, "residual too short");
+        }
+        // SAFETY: dst holds m rows of cout floats (asserted), this thread's alone; gemm_tile
+        // asserts src's length.
+        unsafe {
+            let d = dst.as_mut_ptr();
+            self.gemm_tile(m, self.cin, src, src_rs, d, self.cout, 0..self.cout);
+            self.finish_tile(d, m, self.cout, 0..self.cout, residual.map(|r| (r, false)));
+        }
+    }
+
     /// Output columns split into parts run in parallel: only on small maps (17x17 and 8x8 in
     /// InceptionV3), which give one row tile per image, so one image alone still keeps every
     /// core busy. Depends on the layer alone, so features do not depend on the batch.

@@ -99,20 +99,60 @@ impl DepthwiseConv {
         )
     }
 
+    /// Input rows `lo..hi` that output rows `oy0..oy0 + rows` of an `h`-row input read
+    /// (padding excluded).
+    pub fn input_rows(&self, h: usize, oy0: usize, rows: usize) -> (usize, usize) {
+        let pad_top = same_padding(h, self.kernel, self.stride).1 as isize;
+        let lo = (oy0 * self.stride) as isize - pad_top;
+        let hi = ((oy0 + rows - 1) * self.stride + self.kernel) as isize - pad_top;
+        (lo.max(0) as usize, (hi.max(0) as usize).min(h))
+    }
+
+    fn geometry(&self, h: usize, w: usize, row0: usize) -> Geometry {
+        Geometry {
+            h,
+            w,
+            c: self.channels,
+            stride: self.stride,
+            pad_top: same_padding(h, self.kernel, self.stride).1,
+            pad_left: same_padding(w, self.kernel, self.stride).1,
+            wo: self.out_hw(h, w).1,
+            relu_input: self.relu_input,
+            row0,
+        }
+    }
+
+    /// Output rows `oy0..oy0 + rows` of one `h` x `w` image into `dst` (`[rows][wo][c]`),
+    /// reading from `src` the image's input rows from `row0` on (`[..][w][c]`; at least those
+    /// that [`Self::input_rows`] names): a band of a larger map, for callers that compute
+    /// the input band by band.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_band(
+        &self,
+        src: &[f32],
+        row0: usize,
+        h: usize,
+        w: usize,
+        oy0: usize,
+        rows: usize,
+        dst: &mut [f32],
+    ) {
+        let geo = self.geometry(h, w, row0);
+        let row_len = geo.wo * self.channels;
+        assert!(
+            dst.len() >= rows * row_len,
+            "destination too short for the band"
+        );
+        for (i, d) in dst.chunks_exact_mut(row_len).take(rows).enumerate() {
+            self.row(&geo, src, oy0 + i, d);
+        }
+    }
+
     pub fn forward(&self, x: &Act) -> Act {
         assert_eq!(x.c, self.channels, "input channels");
         let (ho, wo) = self.out_hw(x.h, x.w);
         let mut out = Act::new(x.n, ho, wo, self.channels);
-        let geo = Geometry {
-            h: x.h,
-            w: x.w,
-            c: x.c,
-            stride: self.stride,
-            pad_top: same_padding(x.h, self.kernel, self.stride).1,
-            pad_left: same_padding(x.w, self.kernel, self.stride).1,
-            wo,
-            relu_input: self.relu_input,
-        };
+        let geo = self.geometry(x.h, x.w, 0);
         let image = x.h * x.w * x.c;
         out.data
             .par_chunks_mut(wo * self.channels)
@@ -154,6 +194,8 @@ struct Geometry {
     pad_left: usize,
     wo: usize,
     relu_input: bool,
+    /// The input row at the start of `src` (a band's first; 0 for a whole image).
+    row0: usize,
 }
 
 /// `a * b + c`, fused or not.
@@ -324,7 +366,11 @@ fn block_with<
     let ky_lo = (-iy0).max(0) as usize;
     let ky_hi = (g.h as isize - iy0).clamp(0, K as isize) as usize;
     let rows_inside = ky_lo == 0 && ky_hi == K;
-    assert!(src.len() >= g.h * g.w * c && dst.len() >= g.wo * c);
+    // The rows this output row reads, as rows of `src` (which starts at input row `row0`).
+    let first = (iy0 + ky_lo as isize) as usize;
+    let last = (iy0 + ky_hi as isize) as usize;
+    assert!(first >= g.row0 && (last - g.row0) * g.w * c <= src.len() && dst.len() >= g.wo * c);
+    let iy0 = iy0 - g.row0 as isize;
     let src = src.as_ptr();
     let dst = dst.as_mut_ptr();
     let store = |ox: usize, acc: &[f32; L]| {
@@ -349,8 +395,8 @@ fn block_with<
             let mut acc = [[0.0f32; L]; PIXELS];
             for ky in 0..K {
                 for col in 0..span {
-                    // SAFETY: every window of the run lies inside the image, so this
-                    // pixel's L channels from c0 lie inside src (length asserted above).
+                    // SAFETY: every window of the run lies inside the image's rows that
+                    // src holds, so this pixel's L channels from c0 lie inside src (asserted).
                     let xv = unsafe { load::<L, RELU_IN>(src.add(base + (ky * g.w + col) * c)) };
                     for j in 0..PIXELS {
                         // Column col is tap kx = col - j * S of output j, if that is a tap.
@@ -384,8 +430,8 @@ fn block_with<
                     continue;
                 }
                 let p = (line + (ix0 + kx as isize) as usize) * c + c0;
-                // SAFETY: iy0 + ky lies in 0..h and ix0 + kx in 0..w (the tap ranges
-                // above), so p + L <= h * w * c <= src.len().
+                // SAFETY: row iy0 + ky of src lies in first - row0..last - row0 and
+                // ix0 + kx in 0..w (the tap ranges above), so p + L <= src.len() (asserted).
                 let xv = unsafe { load::<L, RELU_IN>(src.add(p)) };
                 for l in 0..L {
                     acc[l] = M::mul_add(xv[l], taps[ky][kx][l], acc[l]);
@@ -412,10 +458,11 @@ unsafe fn load<const L: usize, const RELU_IN: bool>(p: *const f32) -> [f32; L] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo(len: usize, seed: u64) -> Vec<f32> {
+    /// Reproducible values in -2..2.
+    pub(crate) fn pseudo(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {

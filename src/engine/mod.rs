@@ -10,4 +10,5 @@ pub mod cpu_conv;
 pub mod cpu_ops;
 pub mod depthwise;
 pub mod depthwise_grad;
+pub mod inverted_residual;
 pub mod winograd;
