@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
+use crate::engine::direct_conv;
 use crate::engine::winograd::WinogradConv;
 
 /// `n` images of `h` x `w` pixels with `c` channels each, stored `[n][h][w][c]`.
@@ -478,6 +479,15 @@ impl Conv {
             assert!(residual.is_none(), "Winograd convolutions take no residual");
             return wg.forward_into(x, x_c0, out, out_c0);
         }
+        if residual.is_none()
+            && x_c0 == 0
+            && x.c == self.cin
+            && out_c0 == 0
+            && out.c == self.cout
+            && direct_conv::applies(self.cin, self.cout)
+        {
+            return self.forward_few_channels(x, out);
+        }
         let direct =
             self.kernel == [1, 1] && self.stride == [1, 1] && self.pad_before(1, 1) == [0, 0];
         let k = self.kernel[0] * self.kernel[1] * self.cin;
@@ -516,6 +526,33 @@ impl Conv {
                 }
             });
         });
+    }
+
+    /// `x` (all its channels, few of them) into all of `out`'s, by the direct kernel, one
+    /// output row a work item.
+    fn forward_few_channels(&self, x: &Act, out: &mut Act) {
+        let (ho, wo) = (out.h, out.w);
+        let geo = direct_conv::Geometry {
+            h: x.h,
+            w: x.w,
+            cin: self.cin,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad_before(x.h, x.w),
+            wo,
+            cout: self.cout,
+        };
+        let image = x.h * x.w * x.c;
+        out.data
+            .par_chunks_mut(wo * self.cout)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, oy) = (row / ho, row % ho);
+                let src = &x.data[img * image..(img + 1) * image];
+                direct_conv::row(&geo, src, &self.w, oy, dst);
+                // SAFETY: dst is this row alone: wo rows of cout floats.
+                unsafe { self.finish_tile(dst.as_mut_ptr(), wo, self.cout, 0..self.cout, None) };
+            });
     }
 
     /// This 1x1 convolution of `m` pixels on the calling thread: `src` holds them as rows of

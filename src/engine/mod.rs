@@ -10,5 +10,6 @@ pub mod cpu_conv;
 pub mod cpu_ops;
 pub mod depthwise;
 pub mod depthwise_grad;
+pub mod direct_conv;
 pub mod inverted_residual;
 pub mod winograd;

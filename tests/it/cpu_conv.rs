@@ -261,3 +261,72 @@ fn winograd_convolutions_match_direct_convolution_and_ignore_the_batch() {
         );
     }
 }
+
+/// A first layer (few input channels, whole vectors of outputs) takes the direct kernel; it
+/// must match the definition and give the same bits as im2col + GEMM (which the same layer
+/// takes when its input is part of a wider activation), on every edge: TF "SAME" and
+/// symmetric padding, strides 1 and 2, 3x3 and 7x7, 1-4 input channels, 16-96 outputs.
+#[test]
+fn first_layer_direct_kernel_equals_im2col() {
+    // (cin, cout, k, stride, pad, tf_same)
+    let cases = [
+        (3, 32, 3, 2, 0, true),
+        (3, 32, 3, 2, 0, false),
+        (3, 64, 7, 2, 3, false),
+        (3, 64, 3, 1, 1, false),
+        (1, 16, 3, 1, 1, false),
+        (4, 48, 3, 2, 1, false),
+        (3, 96, 5, 2, 0, true),
+    ];
+    let (n, h, w) = (2, 23, 17);
+    for (i, &(cin, cout, k, s, pad, same)) in cases.iter().enumerate() {
+        let x = pseudo(n * cin * h * w, 300 + i as u64);
+        let wt = pseudo(cout * cin * k * k, 400 + i as u64);
+        let b = pseudo(cout, 500 + i as u64);
+        let mut conv = Conv::new(&wt, &b, [cout, cin, k, k], [s, s], [pad, pad]);
+        if same {
+            conv = conv.with_tf_same();
+        }
+        let direct = conv.forward(&Act::from_nchw(&x, n, cin, h, w), 0);
+        let (ho, wo) = conv.out_hw(h, w);
+        if !same {
+            let (want, rh, rw) = reference_conv(
+                &x,
+                [n, cin, h, w],
+                &wt,
+                &b,
+                [cout, k, k],
+                [s, s],
+                [pad, pad],
+            );
+            assert_eq!((rh, rw), (ho, wo));
+            let diff = direct
+                .to_nchw()
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < 1e-5, "case {i}: max diff {diff} from the definition");
+        }
+        let mut wide = Act::zeros(n, h, w, cin + 1);
+        wide.copy_channels(1, &Act::from_nchw(&x, n, cin, h, w), 0, cin);
+        let mut im2col = Act::zeros(n, ho, wo, cout);
+        conv.forward_into(&wide, 1, &mut im2col, 0);
+        // Both sum the taps in the same order with one FMA each; the portable path (no FMA
+        // hardware, or DLTOOL_SIMD=scalar) rounds the product separately.
+        if dltool::engine::cpu::simd() != dltool::engine::cpu::Simd::Scalar {
+            assert!(
+                direct.data == im2col.data,
+                "case {i}: direct differs from im2col"
+            );
+        } else {
+            let diff = direct
+                .data
+                .iter()
+                .zip(&im2col.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < 1e-5, "case {i}: portable path {diff} from im2col");
+        }
+    }
+}
