@@ -479,17 +479,25 @@ impl Conv {
             assert!(residual.is_none(), "Winograd convolutions take no residual");
             return wg.forward_into(x, x_c0, out, out_c0);
         }
-        if residual.is_none()
-            && x_c0 == 0
-            && x.c == self.cin
-            && out_c0 == 0
-            && out.c == self.cout
-            && direct_conv::applies(self.cin, self.cout)
-        {
-            return self.forward_few_channels(x, out);
-        }
         let direct =
             self.kernel == [1, 1] && self.stride == [1, 1] && self.pad_before(1, 1) == [0, 0];
+        let whole =
+            residual.is_none() && x_c0 == 0 && x.c == self.cin && out_c0 == 0 && out.c == self.cout;
+        if whole && direct_conv::applies(self.cin, self.cout) {
+            return self.forward_few_channels(x, out);
+        }
+        if whole && direct && self.direct_pointwise() {
+            let tile = tile_rows(0);
+            let (cin, cout) = (self.cin, self.cout);
+            let k = self.direct_weights(self.epilogue[0]);
+            return out
+                .data
+                .par_chunks_mut(tile * cout)
+                .zip(x.data.par_chunks(tile * cin))
+                .for_each(|(dst, src)| {
+                    direct_conv::pointwise(src, src.len() / cin, cin, cout, &k, dst);
+                });
+        }
         let k = self.kernel[0] * self.kernel[1] * self.cin;
         let out_c = out.c;
         let rows = out.rows();
@@ -543,16 +551,41 @@ impl Conv {
             cout: self.cout,
         };
         let image = x.h * x.w * x.c;
+        let uniform = self.uniform_epilogue();
+        let k = self.direct_weights(uniform.unwrap_or(Epilogue::None));
         out.data
             .par_chunks_mut(wo * self.cout)
             .enumerate()
             .for_each(|(row, dst)| {
                 let (img, oy) = (row / ho, row % ho);
                 let src = &x.data[img * image..(img + 1) * image];
-                direct_conv::row(&geo, src, &self.w, oy, dst);
-                // SAFETY: dst is this row alone: wo rows of cout floats.
-                unsafe { self.finish_tile(dst.as_mut_ptr(), wo, self.cout, 0..self.cout, None) };
+                direct_conv::row(&geo, src, &k, oy, dst);
+                if uniform.is_none() {
+                    // SAFETY: dst is this row alone: wo rows of cout floats.
+                    let d = dst.as_mut_ptr();
+                    unsafe { self.finish_tile(d, wo, self.cout, 0..self.cout, None) };
+                }
             });
+    }
+
+    fn direct_weights(&self, epilogue: Epilogue) -> direct_conv::Weights<'_> {
+        direct_conv::Weights {
+            w: &self.w,
+            bias: &self.bias,
+            epilogue,
+        }
+    }
+
+    /// The epilogue of every output column, when they share one.
+    fn uniform_epilogue(&self) -> Option<Epilogue> {
+        let e = self.epilogue[0];
+        self.epilogue.iter().all(|x| *x == e).then_some(e)
+    }
+
+    /// Whether this (1x1) convolution is shallow enough for the direct kernel, whose
+    /// in-register epilogue needs one for all columns.
+    fn direct_pointwise(&self) -> bool {
+        direct_conv::applies_pointwise(self.cin, self.cout) && self.uniform_epilogue().is_some()
     }
 
     /// This 1x1 convolution of `m` pixels on the calling thread: `src` holds them as rows of
@@ -575,6 +608,10 @@ impl Conv {
         assert!(src_rs >= self.cin && dst.len() >= m * self.cout);
         if let Some(r) = residual {
             assert!(r.len() >= m * self.cout, "residual too short");
+        }
+        if residual.is_none() && src_rs == self.cin && self.direct_pointwise() {
+            let k = self.direct_weights(self.epilogue[0]);
+            return direct_conv::pointwise(src, m, self.cin, self.cout, &k, dst);
         }
         // SAFETY: dst holds m rows of cout floats (asserted), this thread's alone; gemm_tile
         // asserts src's length.

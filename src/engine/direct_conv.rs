@@ -1,19 +1,24 @@
-//! Direct convolution for inputs with few channels: a network's first layer, on RGB pixels.
+//! Direct convolution for shallow inputs: a network's first layer on RGB pixels, and 1x1
+//! convolutions from few channels (an inverted-residual block's expansion from 16-48).
 //!
 //! Why not im2col + GEMM there: with three input channels each im2col row is built from a few
-//! 3-float pieces (9 for a 3x3 kernel), and the GEMM's depth is only 27 (147 for 7x7), so
-//! copying and packing cost as much as the arithmetic; measured, EfficientNet-Lite0's stem ran
-//! at 21-36 GFLOP/s of 330, about 8% of the network's time. Here each output pixel reads its
-//! window straight from the NHWC input: a run of [`PIXELS`] neighbouring pixels and up to 64
-//! output channels live in vector registers while the taps stream past, each tap's weights
-//! loaded once for the run.
+//! 3-float pieces (9 for a 3x3 kernel), and at depths of 16-48 (27 for a 3x3 first layer) the
+//! GEMM spends about as long packing and storing as multiplying, then the epilogue reads and
+//! writes the output once more. Measured on one thread: EfficientNet-Lite0's stem ran at
+//! 21-36 GFLOP/s by im2col, and 1x1 expansions from 16 and 24 channels at 62 and 82 GFLOP/s
+//! through the GEMM against 80-91 and 102-106 here (from 80 channels on the GEMM is as fast or
+//! faster). Here each output pixel reads its window straight from the NHWC input: a run of
+//! [`PIXELS`] neighbouring pixels and up to 48 output channels live in vector registers while
+//! the taps stream past, each tap's weights loaded once for the run, and the bias and
+//! activation are applied before the one store.
 //!
 //! Taps are summed in im2col's order (kernel row, kernel column, input channel) with one fused
 //! multiply-add each, starting from zero, and taps in the padding are skipped (im2col's zeros
-//! add nothing), so each output depends on its own window alone, whatever the batch, band or
-//! thread count.
+//! add nothing): the same bits as im2col + GEMM, and each output depends on its own window
+//! alone, whatever the batch, band or thread count.
 
 use crate::engine::cpu::{self, Simd};
+use crate::engine::cpu_conv::Epilogue;
 
 /// Output pixels computed together: independent accumulator chains that share each tap's
 /// weight vectors.
@@ -35,38 +40,71 @@ pub struct Geometry {
     pub cout: usize,
 }
 
+/// A convolution's weights as im2col's `[kh * kw * cin][cout]`, its biases, and what to apply
+/// before storing.
+pub struct Weights<'a> {
+    pub w: &'a [f32],
+    pub bias: &'a [f32],
+    pub epilogue: Epilogue,
+}
+
 /// Whether [`row`] computes a convolution of this shape: few input channels, output channels
 /// in whole vectors.
 pub fn applies(cin: usize, cout: usize) -> bool {
     cin <= 4 && cout.is_multiple_of(LANES)
 }
 
-/// Output row `oy` of one image (`src`: `[h][w][cin]`) into `dst` (`[wo][cout]`), without
-/// bias or activation; `w` holds the weights as im2col's `[kh * kw * cin][cout]`.
-pub fn row(g: &Geometry, src: &[f32], w: &[f32], oy: usize, dst: &mut [f32]) {
-    assert!(applies(g.cin, g.cout));
+/// Input channels up to which a 1x1 convolution runs here rather than through the GEMM: at such
+/// depths the GEMM spends as long packing and storing as multiplying (an inverted-residual
+/// block's expansion from 16-48 channels).
+pub const POINTWISE_MAX_CIN: usize = 48;
+
+/// Whether [`pointwise`] computes a 1x1 convolution from `cin` to `cout` channels.
+pub fn applies_pointwise(cin: usize, cout: usize) -> bool {
+    cin <= POINTWISE_MAX_CIN && cout.is_multiple_of(LANES)
+}
+
+/// Output row `oy` of one image (`src`: `[h][w][cin]`) into `dst` (`[wo][cout]`).
+pub fn row(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
+    assert!(g.cout.is_multiple_of(LANES) && k.bias.len() >= g.cout);
     assert!(src.len() >= g.h * g.w * g.cin && dst.len() >= g.wo * g.cout);
-    assert!(w.len() >= g.kernel[0] * g.kernel[1] * g.cin * g.cout);
+    assert!(k.w.len() >= g.kernel[0] * g.kernel[1] * g.cin * g.cout);
     match cpu::simd() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `cpu::simd` only gives paths the CPU has.
-        Simd::Avx512 => unsafe { row_avx512(g, src, w, oy, dst) },
+        Simd::Avx512 => unsafe { row_avx512(g, src, k, oy, dst) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { row_avx2(g, src, w, oy, dst) },
-        _ => row_generic::<false>(g, src, w, oy, dst),
+        Simd::Avx2 => unsafe { row_avx2(g, src, k, oy, dst) },
+        _ => row_generic::<false>(g, src, k, oy, dst),
     }
+}
+
+/// A 1x1 convolution of `m` pixels (`src`: `[m][cin]`) into `dst` (`[m][cout]`): the pixels
+/// as one row of an image one pixel high.
+pub fn pointwise(src: &[f32], m: usize, cin: usize, cout: usize, k: &Weights<'_>, dst: &mut [f32]) {
+    let g = Geometry {
+        h: 1,
+        w: m,
+        cin,
+        kernel: [1, 1],
+        stride: [1, 1],
+        pad: [0, 0],
+        wo: m,
+        cout,
+    };
+    row(&g, src, k, 0, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn row_avx512(g: &Geometry, src: &[f32], w: &[f32], oy: usize, dst: &mut [f32]) {
-    row_generic::<true>(g, src, w, oy, dst)
+unsafe fn row_avx512(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
+    row_generic::<true>(g, src, k, oy, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(g: &Geometry, src: &[f32], w: &[f32], oy: usize, dst: &mut [f32]) {
-    row_generic::<true>(g, src, w, oy, dst)
+unsafe fn row_avx2(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
+    row_generic::<true>(g, src, k, oy, dst)
 }
 
 /// `a * b + c`, with one rounding when `FMA` (a vector FMA inside functions compiled with the
@@ -76,21 +114,44 @@ fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Output channels in blocks of 64, then 32, then 16.
+/// The epilogue as a constant of [`block`], so that the store stays a vector operation.
+const E_NONE: u8 = 0;
+const E_BIAS: u8 = 1;
+const E_RELU: u8 = 2;
+const E_RELU6: u8 = 3;
+
+/// Output channels in blocks of 48 (18 accumulators: more spilled), then 32, then 16.
 #[inline(always)]
-fn row_generic<const FMA: bool>(g: &Geometry, src: &[f32], w: &[f32], oy: usize, dst: &mut [f32]) {
-    let mut co = 0;
-    while co + 64 <= g.cout {
-        block::<FMA, 4>(g, src, w, oy, co, dst);
-        co += 64;
+fn row_generic<const FMA: bool>(
+    g: &Geometry,
+    src: &[f32],
+    k: &Weights<'_>,
+    oy: usize,
+    dst: &mut [f32],
+) {
+    let (w, bias) = (k.w, k.bias);
+    macro_rules! blocks {
+        ($e:expr) => {{
+            let mut co = 0;
+            while co + 48 <= g.cout {
+                block::<FMA, 3, { $e }>(g, src, w, bias, oy, co, dst);
+                co += 48;
+            }
+            while co + 32 <= g.cout {
+                block::<FMA, 2, { $e }>(g, src, w, bias, oy, co, dst);
+                co += 32;
+            }
+            while co < g.cout {
+                block::<FMA, 1, { $e }>(g, src, w, bias, oy, co, dst);
+                co += 16;
+            }
+        }};
     }
-    while co + 32 <= g.cout {
-        block::<FMA, 2>(g, src, w, oy, co, dst);
-        co += 32;
-    }
-    while co < g.cout {
-        block::<FMA, 1>(g, src, w, oy, co, dst);
-        co += 16;
+    match k.epilogue {
+        Epilogue::None => blocks!(E_NONE),
+        Epilogue::Bias => blocks!(E_BIAS),
+        Epilogue::BiasRelu => blocks!(E_RELU),
+        Epilogue::BiasRelu6 => blocks!(E_RELU6),
     }
 }
 
@@ -98,10 +159,13 @@ fn row_generic<const FMA: bool>(g: &Geometry, src: &[f32], w: &[f32], oy: usize,
 // Index loops over fixed-size arrays, which the compiler keeps in registers.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn block<const FMA: bool, const V: usize>(
+// max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
+#[allow(clippy::manual_clamp)]
+fn block<const FMA: bool, const V: usize, const E: u8>(
     g: &Geometry,
     src: &[f32],
     w: &[f32],
+    bias: &[f32],
     oy: usize,
     co: usize,
     dst: &mut [f32],
@@ -113,16 +177,20 @@ fn block<const FMA: bool, const V: usize>(
     let iy0 = (oy * sh) as isize - g.pad[0] as isize;
     let ky_lo = (-iy0).max(0) as usize;
     let ky_hi = (g.h as isize - iy0).clamp(0, kh as isize) as usize;
-    let weights = |t: usize| -> [[f32; LANES]; V] {
-        let mut v = [[0.0; LANES]; V];
-        for (i, lanes) in v.iter_mut().enumerate() {
-            lanes.copy_from_slice(&w[t * cout + co + i * LANES..][..LANES]);
-        }
-        v
-    };
+    let weights = |t: usize| weights_at::<V>(w, t * cout + co);
+    let b = weights_at::<V>(bias, co);
     let store = |ox: usize, acc: &[[f32; LANES]; V], dst: &mut [f32]| {
-        for (i, lanes) in acc.iter().enumerate() {
-            dst[ox * cout + co + i * LANES..][..LANES].copy_from_slice(lanes);
+        for i in 0..V {
+            let out = &mut dst[ox * cout + co + i * LANES..][..LANES];
+            for l in 0..LANES {
+                let (a, b) = (acc[i][l], b[i][l]);
+                out[l] = match E {
+                    E_NONE => a,
+                    E_BIAS => a + b,
+                    E_RELU => (a + b).max(0.0),
+                    _ => (a + b).max(0.0).min(6.0),
+                };
+            }
         }
     };
     let mut ox = 0;
@@ -133,12 +201,18 @@ fn block<const FMA: bool, const V: usize>(
             // Every window of the run lies inside the image.
             let base = (iy0 as usize * g.w + ix0 as usize) * cin;
             let mut acc = [[[0.0f32; LANES]; V]; PIXELS];
+            let (sp, wp) = (src.as_ptr(), w.as_ptr());
             for ky in 0..kh {
-                let line = &src[base + ky * g.w * cin..];
                 for j in 0..kwc {
-                    let wv = weights(ky * kwc + j);
+                    // SAFETY: tap ky * kwc + j < kh * kw * cin and co + 16 * V <= cout, so
+                    // these weights lie inside w (length asserted in `row`).
+                    let wv = unsafe {
+                        *(wp.add((ky * kwc + j) * cout + co) as *const [[f32; LANES]; V])
+                    };
                     for p in 0..PIXELS {
-                        let xv = line[p * sw * cin + j];
+                        // SAFETY: every window of the run lies inside the image, so pixel p's
+                        // tap lies inside src (length asserted in `row`).
+                        let xv = unsafe { *sp.add(base + ky * g.w * cin + p * sw * cin + j) };
                         for i in 0..V {
                             for l in 0..LANES {
                                 acc[p][i][l] = mul_add::<FMA>(xv, wv[i][l], acc[p][i][l]);
@@ -176,4 +250,14 @@ fn block<const FMA: bool, const V: usize>(
         store(ox, &acc, dst);
         ox += 1;
     }
+}
+
+/// `V` vectors of lanes from `at` on.
+#[inline(always)]
+fn weights_at<const V: usize>(w: &[f32], at: usize) -> [[f32; LANES]; V] {
+    let mut v = [[0.0; LANES]; V];
+    for (i, lanes) in v.iter_mut().enumerate() {
+        lanes.copy_from_slice(&w[at + i * LANES..][..LANES]);
+    }
+    v
 }

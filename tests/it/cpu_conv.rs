@@ -262,10 +262,41 @@ fn winograd_convolutions_match_direct_convolution_and_ignore_the_batch() {
     }
 }
 
+/// `conv` on `x` (NCHW) by [`Conv::forward`] (which takes the direct kernel for the shapes
+/// tested below) and by im2col + GEMM (which the same layer takes when its input is part of a
+/// wider activation): both sum the taps in the same order with one FMA each, so their bits
+/// agree; the portable path (no FMA hardware, or DLTOOL_SIMD=scalar) rounds the product
+/// separately and is held to 1e-5. Returns the direct result.
+fn direct_equals_gemm(conv: &Conv, x: &[f32], [n, cin, h, w]: [usize; 4], case: usize) -> Act {
+    let direct = conv.forward(&Act::from_nchw(x, n, cin, h, w), 0);
+    let (ho, wo) = conv.out_hw(h, w);
+    let mut wide = Act::zeros(n, h, w, cin + 1);
+    wide.copy_channels(1, &Act::from_nchw(x, n, cin, h, w), 0, cin);
+    let mut gemm = Act::zeros(n, ho, wo, conv.cout);
+    conv.forward_into(&wide, 1, &mut gemm, 0);
+    if dltool::engine::cpu::simd() != dltool::engine::cpu::Simd::Scalar {
+        assert!(
+            direct.data == gemm.data,
+            "case {case}: direct differs from the GEMM"
+        );
+    } else {
+        let diff = direct
+            .data
+            .iter()
+            .zip(&gemm.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "case {case}: portable path {diff} from the GEMM"
+        );
+    }
+    direct
+}
+
 /// A first layer (few input channels, whole vectors of outputs) takes the direct kernel; it
-/// must match the definition and give the same bits as im2col + GEMM (which the same layer
-/// takes when its input is part of a wider activation), on every edge: TF "SAME" and
-/// symmetric padding, strides 1 and 2, 3x3 and 7x7, 1-4 input channels, 16-96 outputs.
+/// must match the definition and the GEMM's bits on every edge: TF "SAME" and symmetric
+/// padding, strides 1 and 2, 3x3, 5x5 and 7x7, 1-4 input channels, 16-96 outputs.
 #[test]
 fn first_layer_direct_kernel_equals_im2col() {
     // (cin, cout, k, stride, pad, tf_same)
@@ -287,10 +318,9 @@ fn first_layer_direct_kernel_equals_im2col() {
         if same {
             conv = conv.with_tf_same();
         }
-        let direct = conv.forward(&Act::from_nchw(&x, n, cin, h, w), 0);
-        let (ho, wo) = conv.out_hw(h, w);
+        let direct = direct_equals_gemm(&conv, &x, [n, cin, h, w], i);
         if !same {
-            let (want, rh, rw) = reference_conv(
+            let (want, _, _) = reference_conv(
                 &x,
                 [n, cin, h, w],
                 &wt,
@@ -299,7 +329,6 @@ fn first_layer_direct_kernel_equals_im2col() {
                 [s, s],
                 [pad, pad],
             );
-            assert_eq!((rh, rw), (ho, wo));
             let diff = direct
                 .to_nchw()
                 .iter()
@@ -308,25 +337,29 @@ fn first_layer_direct_kernel_equals_im2col() {
                 .fold(0.0f32, f32::max);
             assert!(diff < 1e-5, "case {i}: max diff {diff} from the definition");
         }
-        let mut wide = Act::zeros(n, h, w, cin + 1);
-        wide.copy_channels(1, &Act::from_nchw(&x, n, cin, h, w), 0, cin);
-        let mut im2col = Act::zeros(n, ho, wo, cout);
-        conv.forward_into(&wide, 1, &mut im2col, 0);
-        // Both sum the taps in the same order with one FMA each; the portable path (no FMA
-        // hardware, or DLTOOL_SIMD=scalar) rounds the product separately.
-        if dltool::engine::cpu::simd() != dltool::engine::cpu::Simd::Scalar {
-            assert!(
-                direct.data == im2col.data,
-                "case {i}: direct differs from im2col"
-            );
-        } else {
-            let diff = direct
-                .data
-                .iter()
-                .zip(&im2col.data)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(diff < 1e-5, "case {i}: portable path {diff} from im2col");
-        }
+    }
+}
+
+/// Shallow 1x1 convolutions (an expansion from 16-48 channels) also take the direct kernel,
+/// with every epilogue applied in registers: the same bits as the GEMM and its epilogue pass,
+/// on output widths of 48, 32 and 16 lanes and a pixel count no run of six divides.
+#[test]
+fn shallow_pointwise_direct_kernel_equals_gemm() {
+    let epilogues = [
+        Epilogue::BiasRelu6,
+        Epilogue::Bias,
+        Epilogue::BiasRelu,
+        Epilogue::None,
+    ];
+    // (cin, cout)
+    let cases = [(16, 96), (24, 144), (40, 240), (48, 16), (7, 80), (33, 32)];
+    let (n, h, w) = (2, 9, 7);
+    for (i, &(cin, cout)) in cases.iter().enumerate() {
+        let x = pseudo(n * cin * h * w, 600 + i as u64);
+        let wt = pseudo(cout * cin, 700 + i as u64);
+        let b = pseudo(cout, 800 + i as u64);
+        let conv = Conv::new(&wt, &b, [cout, cin, 1, 1], [1, 1], [0, 0])
+            .with_epilogue(epilogues[i % epilogues.len()]);
+        direct_equals_gemm(&conv, &x, [n, cin, h, w], i);
     }
 }
