@@ -199,12 +199,12 @@ struct Geometry {
 }
 
 /// `a * b + c`, fused or not.
-trait MulAdd {
+pub(crate) trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 
 /// Separate multiply and add: without FMA hardware `f32::mul_add` is a slow library call.
-struct Plain;
+pub(crate) struct Plain;
 impl MulAdd for Plain {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -214,7 +214,7 @@ impl MulAdd for Plain {
 
 /// One rounding: becomes a vector FMA inside functions compiled with the `fma` feature.
 #[cfg(target_arch = "x86_64")]
-struct Fused;
+pub(crate) struct Fused;
 #[cfg(target_arch = "x86_64")]
 impl MulAdd for Fused {
     #[inline(always)]

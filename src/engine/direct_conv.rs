@@ -19,6 +19,9 @@
 
 use crate::engine::cpu::{self, Simd};
 use crate::engine::cpu_conv::Epilogue;
+#[cfg(target_arch = "x86_64")]
+use crate::engine::depthwise::Fused;
+use crate::engine::depthwise::{MulAdd, Plain};
 
 /// Output pixels computed together: independent accumulator chains that share each tap's
 /// weight vectors.
@@ -75,7 +78,7 @@ pub fn row(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32
         Simd::Avx512 => unsafe { row_avx512(g, src, k, oy, dst) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { row_avx2(g, src, k, oy, dst) },
-        _ => row_generic::<false>(g, src, k, oy, dst),
+        _ => row_generic::<Plain>(g, src, k, oy, dst),
     }
 }
 
@@ -98,20 +101,13 @@ pub fn pointwise(src: &[f32], m: usize, cin: usize, cout: usize, k: &Weights<'_>
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn row_avx512(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
-    row_generic::<true>(g, src, k, oy, dst)
+    row_generic::<Fused>(g, src, k, oy, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
-    row_generic::<true>(g, src, k, oy, dst)
-}
-
-/// `a * b + c`, with one rounding when `FMA` (a vector FMA inside functions compiled with the
-/// `fma` feature; without it `f32::mul_add` is a slow library call).
-#[inline(always)]
-fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
+    row_generic::<Fused>(g, src, k, oy, dst)
 }
 
 /// The epilogue as a constant of [`block`], so that the store stays a vector operation.
@@ -122,27 +118,21 @@ const E_RELU6: u8 = 3;
 
 /// Output channels in blocks of 48 (18 accumulators: more spilled), then 32, then 16.
 #[inline(always)]
-fn row_generic<const FMA: bool>(
-    g: &Geometry,
-    src: &[f32],
-    k: &Weights<'_>,
-    oy: usize,
-    dst: &mut [f32],
-) {
+fn row_generic<M: MulAdd>(g: &Geometry, src: &[f32], k: &Weights<'_>, oy: usize, dst: &mut [f32]) {
     let (w, bias) = (k.w, k.bias);
     macro_rules! blocks {
         ($e:expr) => {{
             let mut co = 0;
             while co + 48 <= g.cout {
-                block::<FMA, 3, { $e }>(g, src, w, bias, oy, co, dst);
+                block::<M, 3, { $e }>(g, src, w, bias, oy, co, dst);
                 co += 48;
             }
             while co + 32 <= g.cout {
-                block::<FMA, 2, { $e }>(g, src, w, bias, oy, co, dst);
+                block::<M, 2, { $e }>(g, src, w, bias, oy, co, dst);
                 co += 32;
             }
             while co < g.cout {
-                block::<FMA, 1, { $e }>(g, src, w, bias, oy, co, dst);
+                block::<M, 1, { $e }>(g, src, w, bias, oy, co, dst);
                 co += 16;
             }
         }};
@@ -161,7 +151,7 @@ fn row_generic<const FMA: bool>(
 #[inline(always)]
 // max then min as in cpu_conv's epilogue (NaN -> 0 on every path).
 #[allow(clippy::manual_clamp)]
-fn block<const FMA: bool, const V: usize, const E: u8>(
+fn block<M: MulAdd, const V: usize, const E: u8>(
     g: &Geometry,
     src: &[f32],
     w: &[f32],
@@ -215,7 +205,7 @@ fn block<const FMA: bool, const V: usize, const E: u8>(
                         let xv = unsafe { *sp.add(base + ky * g.w * cin + p * sw * cin + j) };
                         for i in 0..V {
                             for l in 0..LANES {
-                                acc[p][i][l] = mul_add::<FMA>(xv, wv[i][l], acc[p][i][l]);
+                                acc[p][i][l] = M::mul_add(xv, wv[i][l], acc[p][i][l]);
                             }
                         }
                     }
@@ -241,7 +231,7 @@ fn block<const FMA: bool, const V: usize, const E: u8>(
                     let wv = weights((ky * kw + kx) * cin + ci);
                     for i in 0..V {
                         for l in 0..LANES {
-                            acc[i][l] = mul_add::<FMA>(xv, wv[i][l], acc[i][l]);
+                            acc[i][l] = M::mul_add(xv, wv[i][l], acc[i][l]);
                         }
                     }
                 }
