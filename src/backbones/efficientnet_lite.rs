@@ -14,6 +14,7 @@
 //! [`crate::engine::depthwise`], the 1x1 projection is a GEMM whose epilogue adds the bias and, when
 //! the block keeps its size, the block's input.
 
+use crate::engine::batch_split;
 use crate::engine::cpu_conv::{Act, Conv, Epilogue};
 use crate::engine::depthwise::DepthwiseConv;
 use crate::engine::inverted_residual::InvertedResidual;
@@ -703,7 +704,11 @@ impl EfficientNetLite {
     /// Class probabilities (softmax of [`Self::logits`]) for `n` preprocessed images.
     pub fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
         self.fc.as_ref()?;
-        let pooled = self.forward_act(pixels, n, LiteLayer::Head).global_avg();
+        // The trunk by thread groups; the classifier over the whole batch at once, as a
+        // one-image group's GEMM of one row would take another summation path.
+        let pooled = batch_split::run_images(pixels, n, |part, k| {
+            self.forward_act(part, k, LiteLayer::Head).global_avg()
+        });
         let mut logits = self.logits(&pooled, n)?;
         softmax_rows(&mut logits, 1000);
         Some(logits)
@@ -857,12 +862,14 @@ impl Network for EfficientNetLite {
             .spec
             .layer(layer)
             .unwrap_or_else(|e| panic!("features of an unchecked layer: {e}"));
-        let act = self.forward_act(pixels, n, layer);
-        match pool {
-            Pool::Avg => act.global_avg(),
-            Pool::Max => act.global_max(),
-            Pool::None => act.to_nchw(),
-        }
+        batch_split::run_images(pixels, n, |part, k| {
+            let act = self.forward_act(part, k, layer);
+            match pool {
+                Pool::Avg => act.global_avg(),
+                Pool::Max => act.global_max(),
+                Pool::None => act.to_nchw(),
+            }
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {

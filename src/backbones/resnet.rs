@@ -384,7 +384,9 @@ impl Network for ResNetNet {
     }
 
     fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
-        self.0.features(pixels, n, SPEC.input, layer, pool)
+        crate::engine::batch_split::run_images(pixels, n, |part, k| {
+            self.0.features(part, k, SPEC.input, layer, pool)
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {

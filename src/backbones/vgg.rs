@@ -421,7 +421,9 @@ impl Network for VggNet {
     }
 
     fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
-        self.net.features(pixels, n, self.spec.input, layer, pool)
+        crate::engine::batch_split::run_images(pixels, n, |part, k| {
+            self.net.features(part, k, self.spec.input, layer, pool)
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {

@@ -4,6 +4,7 @@
 //! Networks build their graphs from these kernels in `crate::backbones`; nothing here names a
 //! layer or a weight file.
 
+pub mod batch_split;
 pub mod conv_grad;
 pub mod cpu;
 pub mod cpu_conv;

@@ -143,3 +143,40 @@ fn features_do_not_depend_on_batch_or_threads() {
         }
     }
 }
+
+/// With an image for every thread, a batch runs as one group of images per thread
+/// (`engine::batch_split`): features and classes are the same bits as on one thread, whose
+/// single group runs every layer over the whole batch.
+#[test]
+fn features_split_by_thread_equal_one_thread() {
+    use dltool::backbones::{Network, Pool};
+    let net = load(&LITE0);
+    let golden = Golden::open("golden/efficientnet_lite0/net.safetensors");
+    let (_, input) = golden.tensor("input");
+    let image = input.len() / 2;
+    let mut pixels = input.clone();
+    for k in 0..3 {
+        let t = (k + 1) as f32 / 4.0;
+        let (a, b) = input.split_at(image);
+        pixels.extend(a.iter().zip(b).map(|(x, y)| x * t + y * (1.0 - t)));
+    }
+    let pool = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    };
+    let (one, three) = (pool(1), pool(3));
+    for (layer, how) in [("head", Pool::Avg), ("block7", Pool::None)] {
+        let want = one.install(|| net.features(&pixels, 5, layer, how));
+        // Five images on three threads: groups of 2, 2 and 1.
+        let got = three.install(|| net.features(&pixels, 5, layer, how));
+        assert_eq!(got.len(), want.len(), "{layer}");
+        assert!(got == want, "{layer}: three groups differ from one thread");
+    }
+    let want = one.install(|| Network::classify(&net, &pixels, 5)).unwrap();
+    let got = three
+        .install(|| Network::classify(&net, &pixels, 5))
+        .unwrap();
+    assert!(got == want, "classes: three groups differ from one thread");
+}

@@ -122,12 +122,14 @@ impl Network for InceptionNet {
     fn features(&self, pixels: &[f32], n: usize, layer: &str, pool: Pool) -> Vec<f32> {
         let layer: Layer = layer.parse().expect("the layer was validated on load");
         if let Some(fast) = &self.fast {
-            let act = fast.forward_act(pixels, n, layer);
-            return match pool {
-                Pool::Avg => act.global_avg(),
-                Pool::Max => act.global_max(),
-                Pool::None => act.to_nchw(),
-            };
+            return crate::engine::batch_split::run_images(pixels, n, |part, k| {
+                let act = fast.forward_act(part, k, layer);
+                match pool {
+                    Pool::Avg => act.global_avg(),
+                    Pool::Max => act.global_max(),
+                    Pool::None => act.to_nchw(),
+                }
+            });
         }
         let act = self.model.forward_to(self.input(pixels, n), layer);
         crate::backbones::burn_pool(act, pool, n)
