@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 /// Single-thread pools, one per group, made the first time that many groups run.
 static POOLS: Mutex<Vec<Arc<rayon::ThreadPool>>> = Mutex::new(Vec::new());
 
-fn pools(count: usize) -> Vec<Arc<rayon::ThreadPool>> {
+/// `count` of them, or `None` when the system refuses another thread (the batch then runs as
+/// one group: slower, not wrong). Callers at once share them: their groups take turns.
+fn pools(count: usize) -> Option<Vec<Arc<rayon::ThreadPool>>> {
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     while pools.len() < count {
         let i = pools.len();
@@ -28,10 +30,10 @@ fn pools(count: usize) -> Vec<Arc<rayon::ThreadPool>> {
             .num_threads(1)
             .thread_name(move |_| format!("dltool-group-{i}"))
             .build()
-            .expect("cannot start a thread for a batch group");
+            .ok()?;
         pools.push(Arc::new(pool));
     }
-    pools[..count].to_vec()
+    Some(pools[..count].to_vec())
 }
 
 /// The groups [`run`] cuts `n` images into on `threads` threads: one group when there are
@@ -59,10 +61,13 @@ where
     F: Fn(Range<usize>) -> Vec<f32> + Sync,
 {
     let groups = groups(n, rayon::current_num_threads());
-    if groups.len() == 1 {
+    let pools = match groups.len() {
+        1 => None,
+        count => pools(count),
+    };
+    let Some(pools) = pools else {
         return f(0..n);
-    }
-    let pools = pools(groups.len());
+    };
     let parts: Vec<Vec<f32>> = groups
         .into_par_iter()
         .zip(pools)
