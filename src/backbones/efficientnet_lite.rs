@@ -16,6 +16,7 @@
 
 use crate::engine::batch_split;
 use crate::engine::cpu_conv::{Act, Conv, Epilogue};
+use crate::engine::cpu_ops::Linear;
 use crate::engine::depthwise::DepthwiseConv;
 use crate::engine::inverted_residual::InvertedResidual;
 use crate::image_io::Preprocess;
@@ -619,8 +620,9 @@ pub struct EfficientNetLite {
     stem: Conv,
     blocks: Vec<InvertedResidual>,
     head: Conv,
-    /// The ImageNet classifier as a 1x1 convolution over the pooled head.
-    fc: Option<Conv>,
+    /// The ImageNet classifier over the pooled head, one image at a time (as a GEMM over
+    /// several rows an image's logits would depend on its batch).
+    fc: Option<Linear>,
 }
 
 /// Every golden stage, NCHW (or `[n][c]`), in the reference's names.
@@ -647,9 +649,9 @@ impl EfficientNetLite {
         let stem = Conv::new(&f.stem.weight, &f.stem.bias, f.stem.shape, [2, 2], [0, 0])
             .with_tf_same()
             .with_epilogue(Epilogue::BiasRelu6);
-        let fc = f.fc.as_ref().map(|(w, b)| {
-            Conv::new(w, b, [1000, HEAD, 1, 1], [1, 1], [0, 0]).with_epilogue(Epilogue::Bias)
-        });
+        let fc =
+            f.fc.as_ref()
+                .map(|(w, b)| Linear::new(w.clone(), b.clone(), 1000, HEAD, false));
         Self {
             spec: f.spec,
             stem,
@@ -696,16 +698,12 @@ impl EfficientNetLite {
     /// Logits of the ImageNet classifier for `n` pooled head vectors (`[n][1280]`), or `None`
     /// without one.
     pub fn logits(&self, pooled: &[f32], n: usize) -> Option<Vec<f32>> {
-        let fc = self.fc.as_ref()?;
-        let x = Act::from_vec(n, 1, 1, HEAD, pooled.to_vec());
-        Some(fc.forward(&x, 0).data.clone())
+        Some(self.fc.as_ref()?.forward(pooled, n))
     }
 
     /// Class probabilities (softmax of [`Self::logits`]) for `n` preprocessed images.
     pub fn classify(&self, pixels: &[f32], n: usize) -> Option<Vec<f32>> {
         self.fc.as_ref()?;
-        // The trunk by thread groups; the classifier over the whole batch at once, as a
-        // one-image group's GEMM of one row would take another summation path.
         let pooled = batch_split::run_images(pixels, n, |part, k| {
             self.forward_act(part, k, LiteLayer::Head).global_avg()
         });

@@ -146,7 +146,8 @@ fn features_do_not_depend_on_batch_or_threads() {
 
 /// With an image for every thread, a batch runs as one group of images per thread
 /// (`engine::batch_split`): features and classes are the same bits as on one thread, whose
-/// single group runs every layer over the whole batch.
+/// single group runs every layer over the whole batch, and classes the same alone as in a
+/// batch.
 #[test]
 fn features_split_by_thread_equal_one_thread() {
     use dltool::backbones::{Network, Pool};
@@ -179,4 +180,14 @@ fn features_split_by_thread_equal_one_thread() {
         .install(|| Network::classify(&net, &pixels, 5))
         .unwrap();
     assert!(got == want, "classes: three groups differ from one thread");
+    // And an image's classes do not depend on its batch either.
+    for i in [0, 4] {
+        let alone = one
+            .install(|| Network::classify(&net, &pixels[i * image..(i + 1) * image], 1))
+            .unwrap();
+        assert!(
+            alone[..] == want[i * 1000..(i + 1) * 1000],
+            "image {i}: classes alone differ from in a batch of 5"
+        );
+    }
 }
