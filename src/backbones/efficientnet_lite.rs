@@ -861,12 +861,7 @@ impl Network for EfficientNetLite {
             .layer(layer)
             .unwrap_or_else(|e| panic!("features of an unchecked layer: {e}"));
         batch_split::run_images(pixels, n, |part, k| {
-            let act = self.forward_act(part, k, layer);
-            match pool {
-                Pool::Avg => act.global_avg(),
-                Pool::Max => act.global_max(),
-                Pool::None => act.to_nchw(),
-            }
+            crate::backbones::engine_pool(&self.forward_act(part, k, layer), pool)
         })
     }
 

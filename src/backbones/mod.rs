@@ -329,6 +329,16 @@ pub fn burn_pool(act: burn::prelude::Tensor<4>, pool: Pool, n: usize) -> Vec<f32
         .expect("the network returns f32")
 }
 
+/// Pools an engine (NHWC) activation into feature rows, or lays the whole map out
+/// channel-major (for networks on the CPU engine).
+pub fn engine_pool(act: &crate::engine::cpu_conv::Act, pool: Pool) -> Vec<f32> {
+    match pool {
+        Pool::Avg => act.global_avg(),
+        Pool::Max => act.global_max(),
+        Pool::None => act.to_nchw(),
+    }
+}
+
 /// Lists names for a message: the first `shown`, then how many more (a state dict has
 /// hundreds of tensors; one line must stay readable).
 pub fn list_names(names: &[String], shown: usize) -> String {

@@ -245,11 +245,7 @@ impl Vgg {
                 .forward(&cpu_ops::adaptive_avg_flat(&act, GRID, GRID), n);
             return if i == 5 { fc6 } else { c.fc7.forward(&fc6, n) };
         }
-        match how {
-            Pool::Avg => act.global_avg(),
-            Pool::Max => act.global_max(),
-            Pool::None => act.to_nchw(),
-        }
+        crate::backbones::engine_pool(&act, how)
     }
 
     /// Class probabilities (softmax of the logits), `None` without a classifier.

@@ -403,11 +403,7 @@ impl Xception {
         if s == 6 {
             return act.global_avg();
         }
-        match how {
-            Pool::Avg => act.global_avg(),
-            Pool::Max => act.global_max(),
-            Pool::None => act.to_nchw(),
-        }
+        crate::backbones::engine_pool(&act, how)
     }
 
     /// Class probabilities (softmax of `fc`), `None` without `fc`.

@@ -110,6 +110,18 @@ fn lite2_matches_reference_at_every_stage_and_sees_a_daisy() {
     assert_eq!((top, name), (DAISY, "daisy"));
 }
 
+/// The two golden images, then `count` mixtures of them (`t * a + (1 - t) * b`, `t` evenly
+/// spaced strictly between 0 and 1).
+fn with_mixtures(input: &[f32], count: usize) -> Vec<f32> {
+    let (a, b) = input.split_at(input.len() / 2);
+    let mut pixels = input.to_vec();
+    for k in 0..count {
+        let t = (k + 1) as f32 / (count + 1) as f32;
+        pixels.extend(a.iter().zip(b).map(|(x, y)| x * t + y * (1.0 - t)));
+    }
+    pixels
+}
+
 /// An image's features are bit-identical whatever else is in its batch (batches cross the
 /// network's internal passes of several images) and however many threads run.
 #[test]
@@ -119,13 +131,7 @@ fn features_do_not_depend_on_batch_or_threads() {
     let (_, input) = golden.tensor("input");
     let image = input.len() / 2;
     // Six images: the two golden ones and mixtures, so a batch of 6 spans two passes.
-    let mut pixels = input.clone();
-    for k in 0..4 {
-        let a = &input[..image];
-        let b = &input[image..];
-        let t = (k + 1) as f32 / 5.0;
-        pixels.extend(a.iter().zip(b).map(|(x, y)| x * t + y * (1.0 - t)));
-    }
+    let pixels = with_mixtures(&input, 4);
     for layer in [LiteLayer::Head, LiteLayer::Stage(3)] {
         let batch = net.forward_act(&pixels, 6, layer);
         let per = batch.data.len() / 6;
@@ -155,12 +161,7 @@ fn features_split_by_thread_equal_one_thread() {
     let golden = Golden::open("golden/efficientnet_lite0/net.safetensors");
     let (_, input) = golden.tensor("input");
     let image = input.len() / 2;
-    let mut pixels = input.clone();
-    for k in 0..3 {
-        let t = (k + 1) as f32 / 4.0;
-        let (a, b) = input.split_at(image);
-        pixels.extend(a.iter().zip(b).map(|(x, y)| x * t + y * (1.0 - t)));
-    }
+    let pixels = with_mixtures(&input, 3);
     let pool = |threads| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

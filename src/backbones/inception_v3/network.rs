@@ -123,12 +123,7 @@ impl Network for InceptionNet {
         let layer: Layer = layer.parse().expect("the layer was validated on load");
         if let Some(fast) = &self.fast {
             return crate::engine::batch_split::run_images(pixels, n, |part, k| {
-                let act = fast.forward_act(part, k, layer);
-                match pool {
-                    Pool::Avg => act.global_avg(),
-                    Pool::Max => act.global_max(),
-                    Pool::None => act.to_nchw(),
-                }
+                crate::backbones::engine_pool(&fast.forward_act(part, k, layer), pool)
             });
         }
         let act = self.model.forward_to(self.input(pixels, n), layer);
