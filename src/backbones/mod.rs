@@ -89,7 +89,7 @@ impl LoadOptions<'_> {
 
 /// A loaded network, as the rest of dltool uses it. Pixels are preprocessed images laid back to
 /// back, NCHW (`n * 3 * H * W` floats, H and W from [`Network::preprocess`]).
-pub trait Network {
+pub trait Network: Sync {
     /// The row of [`NETWORKS`] this network belongs to.
     fn spec(&self) -> &'static Spec;
 

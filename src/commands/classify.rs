@@ -166,19 +166,23 @@ pub fn run(args: Args) -> anyhow::Result<Status> {
         sink.write_all(b"path,rank,synset,name,probability\n")?;
     }
     let k = args.top_k as usize;
-    let status = super::stream_images(
-        &[backbone.preprocess],
-        &list,
-        &args.run,
-        args.quiet,
-        "classified",
-        classes,
-        |pixels, n| {
+    let network = crate::featurize::Network {
+        preprocesses: &[backbone.preprocess],
+        run: |pixels: crate::featurize::Pixels, n| {
             let pixels = pixels.into_iter().next().expect("one network, one batch");
             backbone
                 .classify(pixels, n)
                 .expect("num_classes() said there is a classifier")
         },
+        dim: classes,
+        on_cpu: backbone.is_cpu(),
+    };
+    let status = super::stream_images(
+        network,
+        &list,
+        &args.run,
+        args.quiet,
+        "classified",
         &mut sink,
         |path, probs, out| format_row(args.format, path, probs, &labels, k, out),
     )?;

@@ -498,24 +498,20 @@ impl Sink {
     }
 }
 
-/// Runs `network` (`dim` floats per image, from the images preprocessed each way of
-/// `preprocesses`) over the images of `list` and writes what `format` makes of each result to
+/// Runs `network` over the images of `list` and writes what `format` makes of each result to
 /// `sink` as soon as it is ready, in input order; reports skipped inputs on stderr and, unless
 /// `quiet`, a summary (`{verb} N image(s)`). `Incomplete` when no image got through.
-#[allow(clippy::too_many_arguments)]
 pub fn stream_images<N, F>(
-    preprocesses: &[crate::image_io::Preprocess],
+    network: crate::featurize::Network<'_, N>,
     list: &crate::inputs::InputList,
     run: &NetworkArgs,
     quiet: bool,
     verb: &str,
-    dim: usize,
-    network: N,
     sink: &mut Sink,
     mut format: F,
 ) -> anyhow::Result<Status>
 where
-    N: Fn(crate::featurize::Pixels, usize) -> Vec<f32>,
+    N: Fn(crate::featurize::Pixels, usize) -> Vec<f32> + Sync,
     F: FnMut(&str, &[f32], &mut Vec<u8>) -> anyhow::Result<()>,
 {
     use crate::featurize::Outcome;
@@ -536,12 +532,10 @@ where
     let (mut done, mut skipped) = (0usize, list.skipped.len());
     let mut line = Vec::new();
     crate::featurize::run_network(
-        preprocesses,
+        network,
         &list.inputs,
         run.batch_size as usize,
         run.max_pixels,
-        dim,
-        network,
         |i, outcome| {
             let input = &list.inputs[i];
             match outcome {

@@ -211,14 +211,13 @@ fn predict_images(
     if streaming {
         return predict_stream(args, head, &set, rows, sink);
     }
+    let preprocesses = set.preprocesses();
     super::stream_images(
-        &set.preprocesses(),
+        featurize::Network::features(&set, &preprocesses),
         &list,
         &args.run,
         args.quiet,
         "predicted",
-        set.dim(),
-        |pixels, n| set.features(pixels, n),
         sink,
         |path, features, out| {
             out.extend_from_slice(rows.format(path, &head.predict_proba(features, 1))?);

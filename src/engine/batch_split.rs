@@ -22,7 +22,7 @@ static POOLS: Mutex<Vec<Arc<rayon::ThreadPool>>> = Mutex::new(Vec::new());
 
 /// `count` of them, or `None` when the system refuses another thread (the batch then runs as
 /// one group: slower, not wrong). Callers at once share them: their groups take turns.
-fn pools(count: usize) -> Option<Vec<Arc<rayon::ThreadPool>>> {
+pub fn pools(count: usize) -> Option<Vec<Arc<rayon::ThreadPool>>> {
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     while pools.len() < count {
         let i = pools.len();

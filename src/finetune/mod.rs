@@ -267,40 +267,38 @@ pub fn fill(
         }
         out
     };
-    let result = featurize::run_network(
-        std::slice::from_ref(&backbone.preprocess),
-        &todo,
-        batch_size,
-        max_pixels,
-        dim * VIEWS.len(),
-        network,
-        |i, outcome| {
-            let input = &todo[i];
-            match outcome {
-                Outcome::Features(views) => {
-                    let key = input.path.display().to_string();
-                    // Stamp taken after the network read the file, so a file changed while
-                    // it was read is stale next time rather than wrongly fresh.
-                    let stamp = std::fs::metadata(&input.path).and_then(|m| FileStamp::of(&m));
-                    match stamp {
-                        Ok(stamp) => {
-                            cache.append(&key, &input.label, stamp, views)?;
-                            report.computed += 1;
-                        }
-                        Err(e) => report.skipped.push((input.display.clone(), e.to_string())),
+    let network = featurize::Network {
+        preprocesses: std::slice::from_ref(&backbone.preprocess),
+        run: network,
+        dim: dim * VIEWS.len(),
+        on_cpu: backbone.is_cpu(),
+    };
+    let result = featurize::run_network(network, &todo, batch_size, max_pixels, |i, outcome| {
+        let input = &todo[i];
+        match outcome {
+            Outcome::Features(views) => {
+                let key = input.path.display().to_string();
+                // Stamp taken after the network read the file, so a file changed while
+                // it was read is stale next time rather than wrongly fresh.
+                let stamp = std::fs::metadata(&input.path).and_then(|m| FileStamp::of(&m));
+                match stamp {
+                    Ok(stamp) => {
+                        cache.append(&key, &input.label, stamp, views)?;
+                        report.computed += 1;
                     }
+                    Err(e) => report.skipped.push((input.display.clone(), e.to_string())),
                 }
-                Outcome::Skipped(reason) => report
-                    .skipped
-                    .push((input.display.clone(), reason.to_string())),
             }
-            on_image();
-            if stop.load(Ordering::SeqCst) {
-                anyhow::bail!(Stopped);
-            }
-            Ok(())
-        },
-    );
+            Outcome::Skipped(reason) => report
+                .skipped
+                .push((input.display.clone(), reason.to_string())),
+        }
+        on_image();
+        if stop.load(Ordering::SeqCst) {
+            anyhow::bail!(Stopped);
+        }
+        Ok(())
+    });
     match result {
         Ok(()) => {}
         Err(e) if e.is::<Stopped>() => report.interrupted = true,
