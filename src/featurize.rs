@@ -51,18 +51,16 @@ pub struct Network<'a, N> {
     pub on_cpu: bool,
 }
 
-impl<'a> Network<'a, ()> {
-    /// The features of `set`, with `preprocesses` as the set's.
-    pub fn features(
-        set: &'a BackboneSet,
-        preprocesses: &'a [Preprocess],
-    ) -> Network<'a, impl Fn(Pixels, usize) -> Vec<f32> + Sync + 'a> {
-        Network {
-            preprocesses,
-            run: move |pixels, n| set.features(pixels, n),
-            dim: set.dim(),
-            on_cpu: set.parts.iter().all(|p| p.is_cpu()),
-        }
+/// The loop's [`Network`] for the features of `set`, with `preprocesses` as the set's.
+pub fn features_of<'a>(
+    set: &'a BackboneSet,
+    preprocesses: &'a [Preprocess],
+) -> Network<'a, impl Fn(Pixels, usize) -> Vec<f32> + Sync + 'a> {
+    Network {
+        preprocesses,
+        run: move |pixels, n| set.features(pixels, n),
+        dim: set.dim(),
+        on_cpu: set.parts.iter().all(|p| p.is_cpu()),
     }
 }
 
@@ -79,7 +77,7 @@ where
     E: FnMut(usize, Outcome<'_>) -> anyhow::Result<()>,
 {
     let preprocesses = set.preprocesses();
-    let network = Network::features(set, &preprocesses);
+    let network = features_of(set, &preprocesses);
     run_network(network, inputs, batch_size, max_pixels, emit)
 }
 
@@ -143,7 +141,7 @@ where
     });
     let preprocesses = set.preprocesses();
     run_batches(
-        Network::features(set, &preprocesses),
+        features_of(set, &preprocesses),
         batches,
         max_pixels,
         |i, item, outcome| {
@@ -451,7 +449,11 @@ where
                 let decoded: Decoded = batch
                     .par_iter()
                     .map(|item| match item {
-                        Found::Input(input) => decode(&input.path, preprocesses, max_pixels),
+                        Found::Input(input) => {
+                            let mut images = vec![Vec::new(); preprocesses.len()];
+                            decode_into(&input.path, preprocesses, max_pixels, &mut images)
+                                .map(|()| images)
+                        }
                         Found::Skip(skip) => Err(skip.reason.clone()),
                     })
                     .collect();
@@ -518,19 +520,6 @@ fn decode_into(
         }
     }
     Ok(())
-}
-
-/// Decodes `path` once and preprocesses it each way of `preprocesses`.
-fn decode(
-    path: &std::path::Path,
-    preprocesses: &[Preprocess],
-    max_pixels: u64,
-) -> Result<Vec<Vec<f32>>, String> {
-    let image = image_io::decode_rgb8(path, max_pixels).map_err(|e| e.to_string())?;
-    preprocesses
-        .iter()
-        .map(|p| image_io::preprocess_rgb8(&image, p).map_err(|e| e.to_string()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -213,7 +213,7 @@ fn predict_images(
     }
     let preprocesses = set.preprocesses();
     super::stream_images(
-        featurize::Network::features(&set, &preprocesses),
+        featurize::features_of(&set, &preprocesses),
         &list,
         &args.run,
         args.quiet,
