@@ -15,8 +15,9 @@ use std::time::Duration;
         .long("max-batch")
         .value_name("N")
         .default_value("16")
-        .help("Largest network batch: images of concurrent requests are run together up to \
-               this many")),
+        .help("Most images in the network at once: images of concurrent requests are run \
+               together up to this many, shared out among the threads (each thread decodes and \
+               runs its own batch)")),
     after_help = "\
 Endpoints (JSON answers; errors are {\"error\": {\"kind\", \"message\"}}):
   POST /v1/predict[?top_k=K]  the image as the body (any format featurize reads), or several as \

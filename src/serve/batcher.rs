@@ -1,13 +1,26 @@
-//! Dynamic batching: images decoded for concurrent requests are gathered into one network
-//! batch on the thread that owns the network.
+//! Dynamic batching: the images of concurrent requests are gathered into network batches, by
+//! one batching loop per thread on the CPU.
 //!
-//! A batch is whatever is already waiting when the network is free, topped up for at most
-//! `max_wait` after its first image, up to `max_batch` images. Under load the queue refills while
-//! the network runs, so batches fill without waiting; a lone client waits at most `max_wait`.
+//! A loop's batch is whatever is already waiting when the loop is free, topped up for at most
+//! `max_wait` after its first image, up to its share of `max_batch` (so that at most
+//! `max_batch` images are in the network at once). The loop decodes its batch itself and runs
+//! the network over it in a pool of its own one thread, as `featurize`'s pipelines do (see
+//! [`crate::featurize`]): decoding never time-slices a core with the network, and no loop
+//! waits for another at the end of a batch. Under load every loop is busy and the queue
+//! refills while they run. A batch of fewer images than there are loops (a lone client's
+//! image) runs on the whole pool instead, every layer parallel inside, so that one image gets
+//! every core, but only while no other batch runs, and none starts until it is through.
+//!
+//! On a GPU there is one loop, which decodes its batch on the whole pool.
 
 use super::metrics::Metrics;
+use crate::engine::batch_split;
+use axum::body::Bytes;
+use rayon::prelude::*;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -31,92 +44,231 @@ pub enum Failure {
 
 pub type Reply = Result<Vec<f32>, Failure>;
 
-/// One decoded image waiting for the network.
+/// An image's pixels and where its answer goes.
+type Decoded = (Vec<f32>, oneshot::Sender<Reply>);
+
+/// One image waiting for the network.
 pub struct Job {
-    /// CHW floats, as the network reads them.
-    pub pixels: Vec<f32>,
+    /// The image file as the client sent it: the loop that runs the image decodes it.
+    pub bytes: Bytes,
     pub task: Task,
     pub reply: oneshot::Sender<Reply>,
 }
 
 pub enum Msg {
     Job(Job),
-    /// Sent once every request is answered: the loop ends after the jobs before it.
+    /// Sent once every request is answered: the loops end after the jobs before it.
     Stop,
 }
 
 /// The limits of a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
+    /// Images in the network at once, over all loops together.
     pub max_batch: usize,
     pub max_wait: Duration,
 }
 
-/// Runs batches until [`Msg::Stop`] or until every sender is gone. `network(task, pixels, n)`
-/// returns `n` equal rows; a panic or an error there answers every job of the batch with
-/// [`Failure::Internal`] and the loop goes on.
-pub fn run<N>(rx: &Receiver<Msg>, batching: Batching, metrics: &Metrics, mut network: N)
-where
-    N: FnMut(Task, Vec<f32>, usize) -> Result<Vec<f32>, String>,
+/// Runs batches on `loops` loops until [`Msg::Stop`] or until every sender is gone (one loop,
+/// on the calling thread, when `loops` is 1 or no other thread can be had).
+/// `decode(bytes)` gives an image's pixels or why there are none; `network(task, pixels, n)`
+/// returns `n` equal rows. A panic or an error in the network answers every job of its batch
+/// with [`Failure::Internal`], a panic in the decoder that image's job; the loops go on.
+pub fn run<D, N>(
+    rx: Receiver<Msg>,
+    batching: Batching,
+    metrics: &Metrics,
+    loops: usize,
+    decode: D,
+    network: N,
+) where
+    D: Fn(&[u8]) -> Result<Vec<f32>, String> + Sync,
+    N: Fn(Task, Vec<f32>, usize) -> Result<Vec<f32>, String> + Sync,
 {
-    let max_batch = batching.max_batch.max(1);
-    loop {
-        let first = match rx.recv() {
-            Ok(Msg::Job(job)) => job,
-            Ok(Msg::Stop) | Err(_) => return,
-        };
-        let deadline = Instant::now() + batching.max_wait;
-        let mut jobs = vec![first];
-        let mut stop = false;
-        while jobs.len() < max_batch {
-            let msg = match rx.try_recv() {
-                Ok(msg) => msg,
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match rx.recv_timeout(left) {
-                        Ok(msg) => msg,
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    }
+    let pools = match loops {
+        0 | 1 => Vec::new(),
+        count => batch_split::pools(count).unwrap_or_default(),
+    };
+    let loops = pools.len().max(1);
+    let shared = Shared {
+        rx: Mutex::new(rx),
+        stopped: AtomicBool::new(false),
+        turns: RwLock::new(()),
+        // Each loop's share, so that at most `max_batch` images are in the network at once.
+        most: batching.max_batch.div_ceil(loops).max(1),
+        max_wait: batching.max_wait,
+        loops,
+        metrics,
+        decode: &decode,
+        network: &network,
+    };
+    if pools.is_empty() {
+        return shared.run_loop(None);
+    }
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        for (i, pool) in pools.iter().enumerate().skip(1) {
+            let spawned = std::thread::Builder::new()
+                .name(format!("dltool-batch-{i}"))
+                .spawn_scoped(scope, move || shared.run_loop(Some(pool)));
+            // A thread refused leaves fewer loops: slower, not wrong.
+            drop(spawned);
+        }
+        shared.run_loop(Some(&pools[0]));
+    });
+}
+
+/// What the loops share.
+struct Shared<'a, D, N> {
+    /// Held by the loop gathering a batch: the others wait their turn to gather.
+    rx: Mutex<Receiver<Msg>>,
+    /// A loop saw [`Msg::Stop`] or a closed channel: the others end at their next turn.
+    stopped: AtomicBool,
+    /// Read by every batch on a loop's own thread, written by a batch on the whole pool: so
+    /// a lone image gets every core only while no other batch runs, and no batch starts while
+    /// it does (a thread more than there are cores stalls the whole-pool batch at each
+    /// layer's barrier).
+    turns: RwLock<()>,
+    /// Images in one loop's batch at most.
+    most: usize,
+    max_wait: Duration,
+    loops: usize,
+    metrics: &'a Metrics,
+    decode: &'a D,
+    network: &'a N,
+}
+
+impl<D, N> Shared<'_, D, N>
+where
+    D: Fn(&[u8]) -> Result<Vec<f32>, String> + Sync,
+    N: Fn(Task, Vec<f32>, usize) -> Result<Vec<f32>, String> + Sync,
+{
+    /// One loop: gathers a batch, runs it in `pool` (or on the whole pool when it is a lone
+    /// image and no other loop runs), and again.
+    fn run_loop(&self, pool: Option<&rayon::ThreadPool>) {
+        loop {
+            let (jobs, stop) = {
+                let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+                if self.stopped.load(Ordering::SeqCst) {
+                    return;
                 }
+                let gathered = gather(&rx, self.most, self.max_wait);
+                if gathered.1 {
+                    self.stopped.store(true, Ordering::SeqCst);
+                }
+                gathered
             };
-            match msg {
-                Msg::Job(job) => jobs.push(job),
-                Msg::Stop => {
-                    stop = true;
-                    break;
+            // A request that timed out has dropped its receiver: its image is not worth a slot.
+            let jobs: Vec<Job> = jobs
+                .into_iter()
+                .filter(|job| !job.reply.is_closed())
+                .collect();
+            match pool {
+                _ if jobs.is_empty() => {}
+                Some(pool) => self.run_in(pool, jobs),
+                None => self.batch(jobs),
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Runs a batch in the loop's `pool`, or on the whole pool when it holds fewer images
+    /// than there are loops and no other batch runs.
+    fn run_in(&self, pool: &rayon::ThreadPool, jobs: Vec<Job>) {
+        if jobs.len() < self.loops {
+            let alone = match self.turns.try_write() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(_alone) = alone {
+                return self.batch(jobs);
+            }
+        }
+        let _shared = self.turns.read().unwrap_or_else(|e| e.into_inner());
+        pool.install(|| self.batch(jobs));
+    }
+
+    /// Decodes the jobs' images (side by side on the current pool's threads) and runs the
+    /// network over those that decoded, one batch per task.
+    fn batch(&self, jobs: Vec<Job>) {
+        let decoded: Vec<Reply> = jobs
+            .par_iter()
+            .map(
+                |job| match panic::catch_unwind(AssertUnwindSafe(|| (self.decode)(&job.bytes))) {
+                    Ok(decoded) => decoded.map_err(Failure::BadImage),
+                    Err(payload) => Err(Failure::Internal(format!(
+                        "the decoder panicked: {}",
+                        panic_text(payload.as_ref())
+                    ))),
+                },
+            )
+            .collect();
+        let mut groups: [(Task, Vec<Decoded>); 2] =
+            [(Task::Features, Vec::new()), (Task::Classify, Vec::new())];
+        for (job, pixels) in jobs.into_iter().zip(decoded) {
+            match pixels {
+                Ok(pixels) => {
+                    let group = &mut groups[usize::from(job.task == Task::Classify)].1;
+                    group.push((pixels, job.reply));
                 }
+                // The client may have gone meanwhile; nothing to tell it.
+                Err(failure) => drop(job.reply.send(Err(failure))),
             }
         }
-        // A request that timed out has dropped its receiver: its image is not worth a slot.
-        jobs.retain(|job| !job.reply.is_closed());
-        for task in [Task::Features, Task::Classify] {
-            let (group, rest): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|job| job.task == task);
-            jobs = rest;
+        for (task, group) in groups {
             if !group.is_empty() {
-                run_group(task, group, metrics, &mut network);
+                run_group(task, group, self.metrics, self.network);
             }
-        }
-        if stop {
-            return;
         }
     }
 }
 
-fn run_group<N>(task: Task, group: Vec<Job>, metrics: &Metrics, network: &mut N)
+/// A batch from the queue: the first message, then whatever else comes within `max_wait` of
+/// it, up to `most` images; `true` when the queue said stop (or closed) meanwhile.
+fn gather(rx: &Receiver<Msg>, most: usize, max_wait: Duration) -> (Vec<Job>, bool) {
+    let first = match rx.recv() {
+        Ok(Msg::Job(job)) => job,
+        Ok(Msg::Stop) | Err(_) => return (Vec::new(), true),
+    };
+    let deadline = Instant::now() + max_wait;
+    let mut jobs = vec![first];
+    while jobs.len() < most {
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(TryRecvError::Disconnected) => return (jobs, true),
+            Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return (jobs, true),
+                }
+            }
+        };
+        match msg {
+            Msg::Job(job) => jobs.push(job),
+            Msg::Stop => return (jobs, true),
+        }
+    }
+    (jobs, false)
+}
+
+fn run_group<N>(task: Task, group: Vec<Decoded>, metrics: &Metrics, network: &N)
 where
-    N: FnMut(Task, Vec<f32>, usize) -> Result<Vec<f32>, String>,
+    N: Fn(Task, Vec<f32>, usize) -> Result<Vec<f32>, String>,
 {
     let n = group.len();
-    let mut pixels = Vec::with_capacity(group.iter().map(|j| j.pixels.len()).sum());
+    let mut pixels = Vec::with_capacity(group.iter().map(|(p, _)| p.len()).sum());
     let mut replies = Vec::with_capacity(n);
-    for job in group {
-        pixels.extend_from_slice(&job.pixels);
-        replies.push(job.reply);
+    for (image, reply) in group {
+        pixels.extend_from_slice(&image);
+        replies.push(reply);
     }
     let started = Instant::now();
     let result = panic::catch_unwind(AssertUnwindSafe(|| network(task, pixels, n)))
@@ -167,14 +319,29 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    fn job(value: f32, task: Task) -> (Msg, oneshot::Receiver<Reply>) {
+    /// A job whose "image" is one byte: the test decoder makes two pixels of that value.
+    fn job(value: u8, task: Task) -> (Msg, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
         let msg = Msg::Job(Job {
-            pixels: vec![value; 2],
+            bytes: Bytes::from(vec![value]),
             task,
             reply: tx,
         });
         (msg, rx)
+    }
+
+    /// 0 is not an image, 255 panics the decoder.
+    fn decode(bytes: &[u8]) -> Result<Vec<f32>, String> {
+        match bytes[0] {
+            0 => Err("not an image".into()),
+            255 => panic!("decoder bug"),
+            v => Ok(vec![v as f32; 2]),
+        }
+    }
+
+    /// One output per image: the sum of its pixels, to check each reply is its own.
+    fn sums(pixels: &[f32]) -> Vec<f32> {
+        pixels.chunks(2).map(|p| p.iter().sum()).collect()
     }
 
     fn batching(max_batch: usize, wait_ms: u64) -> Batching {
@@ -184,66 +351,135 @@ mod tests {
         }
     }
 
+    /// Runs the loops over `rx` with a network that answers each image with its pixel sum;
+    /// the batch sizes in the order the batches ran.
+    fn sizes_of_run(rx: mpsc::Receiver<Msg>, batching: Batching, loops: usize) -> Vec<usize> {
+        let sizes = Mutex::new(Vec::new());
+        run(
+            rx,
+            batching,
+            &Metrics::default(),
+            loops,
+            decode,
+            |_, p, n| {
+                sizes.lock().unwrap().push(n);
+                Ok(sums(&p))
+            },
+        );
+        sizes.into_inner().unwrap()
+    }
+
     #[test]
     fn waiting_jobs_share_batches_of_at_most_max_batch() {
         let (tx, rx) = mpsc::channel();
         let mut replies = Vec::new();
-        for i in 0..5 {
-            let (msg, reply) = job(i as f32, Task::Features);
+        for i in 1..=5 {
+            let (msg, reply) = job(i, Task::Features);
             tx.send(msg).unwrap();
             replies.push(reply);
         }
         tx.send(Msg::Stop).unwrap();
-        let mut sizes = Vec::new();
-        let metrics = Metrics::default();
-        run(&rx, batching(2, 0), &metrics, |_, pixels, n| {
-            sizes.push(n);
-            // One output per image: the sum of its pixels, to check each reply is its own.
-            Ok(pixels.chunks(2).map(|p| p.iter().sum()).collect())
-        });
-        assert_eq!(sizes, vec![2, 2, 1]);
+        assert_eq!(sizes_of_run(rx, batching(2, 0), 1), vec![2, 2, 1]);
         for (i, mut reply) in replies.into_iter().enumerate() {
-            assert_eq!(reply.try_recv().unwrap(), Ok(vec![2.0 * i as f32]));
+            assert_eq!(reply.try_recv().unwrap(), Ok(vec![2.0 * (i + 1) as f32]));
+        }
+    }
+
+    #[test]
+    fn several_loops_answer_every_job_with_its_own_row_in_shares_of_max_batch() {
+        let (tx, rx) = mpsc::channel();
+        let mut replies = Vec::new();
+        for i in 1..=40 {
+            let (msg, reply) = job(i, Task::Features);
+            tx.send(msg).unwrap();
+            replies.push(reply);
+        }
+        tx.send(Msg::Stop).unwrap();
+        let sizes = Mutex::new(Vec::new());
+        let threads = Mutex::new(std::collections::HashSet::new());
+        // Four loops share a max batch of 8: at most 2 images a batch.
+        run(
+            rx,
+            batching(8, 0),
+            &Metrics::default(),
+            4,
+            decode,
+            |_, p, n| {
+                sizes.lock().unwrap().push(n);
+                threads.lock().unwrap().insert(std::thread::current().id());
+                // Slow enough that the other loops take their turns.
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(sums(&p))
+            },
+        );
+        let sizes = sizes.into_inner().unwrap();
+        assert!(sizes.iter().all(|&n| n <= 2), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 40);
+        assert!(
+            threads.into_inner().unwrap().len() > 1,
+            "one loop ran it all"
+        );
+        for (i, mut reply) in replies.into_iter().enumerate() {
+            assert_eq!(reply.try_recv().unwrap(), Ok(vec![2.0 * (i + 1) as f32]));
+        }
+    }
+
+    #[test]
+    fn a_bad_or_panicking_image_fails_alone() {
+        for loops in [1, 2] {
+            let (tx, rx) = mpsc::channel();
+            let (a, mut ra) = job(3, Task::Features);
+            let (b, mut rb) = job(0, Task::Features);
+            let (c, mut rc) = job(255, Task::Features);
+            let (d, mut rd) = job(4, Task::Features);
+            for m in [a, b, c, d, Msg::Stop] {
+                tx.send(m).unwrap();
+            }
+            let sizes = sizes_of_run(rx, batching(8, 0), loops);
+            // Only the two good images reached the network.
+            assert_eq!(sizes.iter().sum::<usize>(), 2);
+            assert_eq!(ra.try_recv().unwrap(), Ok(vec![6.0]));
+            assert_eq!(rd.try_recv().unwrap(), Ok(vec![8.0]));
+            assert_eq!(
+                rb.try_recv().unwrap(),
+                Err(Failure::BadImage("not an image".into()))
+            );
+            match rc.try_recv().unwrap() {
+                Err(Failure::Internal(m)) => assert!(m.contains("decoder bug"), "{m}"),
+                other => panic!("expected an internal failure, got {other:?}"),
+            }
         }
     }
 
     #[test]
     fn a_lone_job_waits_for_company_only_until_max_wait() {
         let (tx, rx) = mpsc::channel();
-        let (first, r1) = job(1.0, Task::Features);
+        let (first, r1) = job(1, Task::Features);
         tx.send(first).unwrap();
         let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
-            let (second, r2) = job(2.0, Task::Features);
+            let (second, r2) = job(2, Task::Features);
             tx.send(second).unwrap();
             tx.send(Msg::Stop).unwrap();
             r2
         });
-        let mut sizes = Vec::new();
-        run(&rx, batching(8, 1000), &Metrics::default(), |_, p, n| {
-            sizes.push(n);
-            Ok(p[..n].to_vec())
-        });
+        let sizes = sizes_of_run(rx, batching(8, 1000), 1);
         // The second job came 50 ms after the first, within the 1 s wait: one batch of two.
         assert_eq!(sizes, vec![2]);
         drop(r1);
         drop(late.join().unwrap());
 
         let (tx, rx) = mpsc::channel();
-        let (first, _r1) = job(1.0, Task::Features);
+        let (first, _r1) = job(1, Task::Features);
         tx.send(first).unwrap();
         let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            let (second, r2) = job(2.0, Task::Features);
+            let (second, r2) = job(2, Task::Features);
             tx.send(second).unwrap();
             tx.send(Msg::Stop).unwrap();
             r2
         });
-        let mut sizes = Vec::new();
-        run(&rx, batching(8, 20), &Metrics::default(), |_, p, n| {
-            sizes.push(n);
-            Ok(p[..n].to_vec())
-        });
+        let sizes = sizes_of_run(rx, batching(8, 20), 1);
         // With a 20 ms wait the first job goes alone.
         assert_eq!(sizes, vec![1, 1]);
         drop(late.join().unwrap());
@@ -252,21 +488,31 @@ mod tests {
     #[test]
     fn tasks_run_as_separate_batches_and_a_panic_fails_only_its_batch() {
         let (tx, rx) = mpsc::channel();
-        let (a, mut ra) = job(1.0, Task::Classify);
-        let (b, mut rb) = job(2.0, Task::Features);
-        let (c, mut rc) = job(3.0, Task::Classify);
+        let (a, mut ra) = job(1, Task::Classify);
+        let (b, mut rb) = job(2, Task::Features);
+        let (c, mut rc) = job(3, Task::Classify);
         for m in [a, b, c, Msg::Stop] {
             tx.send(m).unwrap();
         }
-        let mut calls = Vec::new();
-        run(&rx, batching(8, 0), &Metrics::default(), |task, p, n| {
-            calls.push((task, n));
-            if task == Task::Classify {
-                panic!("boom");
-            }
-            Ok(p[..n].to_vec())
-        });
-        assert_eq!(calls, vec![(Task::Features, 1), (Task::Classify, 2)]);
+        let calls = Mutex::new(Vec::new());
+        run(
+            rx,
+            batching(8, 0),
+            &Metrics::default(),
+            1,
+            decode,
+            |task, p, n| {
+                calls.lock().unwrap().push((task, n));
+                if task == Task::Classify {
+                    panic!("boom");
+                }
+                Ok(p[..n].to_vec())
+            },
+        );
+        assert_eq!(
+            calls.into_inner().unwrap(),
+            vec![(Task::Features, 1), (Task::Classify, 2)]
+        );
         assert_eq!(rb.try_recv().unwrap(), Ok(vec![2.0]));
         for r in [&mut ra, &mut rc] {
             match r.try_recv().unwrap() {
@@ -279,18 +525,59 @@ mod tests {
     #[test]
     fn jobs_whose_client_left_are_dropped_before_the_network() {
         let (tx, rx) = mpsc::channel();
-        let (a, ra) = job(1.0, Task::Features);
-        let (b, mut rb) = job(2.0, Task::Features);
+        let (a, ra) = job(1, Task::Features);
+        let (b, mut rb) = job(2, Task::Features);
         drop(ra);
         for m in [a, b, Msg::Stop] {
             tx.send(m).unwrap();
         }
-        let mut sizes = Vec::new();
-        run(&rx, batching(8, 0), &Metrics::default(), |_, p, n| {
-            sizes.push(n);
-            Ok(p[..n].to_vec())
-        });
+        let sizes = sizes_of_run(rx, batching(8, 0), 1);
         assert_eq!(sizes, vec![1]);
-        assert_eq!(rb.try_recv().unwrap(), Ok(vec![2.0]));
+        assert_eq!(rb.try_recv().unwrap(), Ok(vec![4.0]));
+    }
+
+    #[test]
+    fn every_loop_ends_when_the_senders_are_gone() {
+        let (tx, rx) = mpsc::channel();
+        let (a, mut ra) = job(5, Task::Features);
+        tx.send(a).unwrap();
+        drop(tx);
+        assert_eq!(sizes_of_run(rx, batching(4, 0), 3), vec![1]);
+        assert_eq!(ra.try_recv().unwrap(), Ok(vec![10.0]));
+    }
+
+    #[test]
+    fn a_lone_image_runs_on_the_whole_pool_and_a_loop_batch_on_its_own_thread() {
+        let whole = rayon::current_num_threads();
+        for (images, expected) in [(1, whole), (2, 1)] {
+            let (tx, rx) = mpsc::channel();
+            let mut replies = Vec::new();
+            for i in 1..=images {
+                let (msg, reply) = job(i, Task::Features);
+                tx.send(msg).unwrap();
+                replies.push(reply);
+            }
+            tx.send(Msg::Stop).unwrap();
+            let threads = Mutex::new(Vec::new());
+            run(
+                rx,
+                batching(4, 0),
+                &Metrics::default(),
+                2,
+                decode,
+                |_, p, n| {
+                    threads
+                        .lock()
+                        .unwrap()
+                        .push((n, rayon::current_num_threads()));
+                    Ok(sums(&p))
+                },
+            );
+            assert_eq!(
+                threads.into_inner().unwrap(),
+                vec![(images as usize, expected)]
+            );
+            assert!(replies.iter_mut().all(|r| r.try_recv().unwrap().is_ok()));
+        }
     }
 }

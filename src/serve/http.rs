@@ -1,8 +1,7 @@
 //! Routes, request bodies, JSON answers and errors.
 
 use super::batcher::{Failure, Job, Msg, Reply, Task};
-use super::{Loaded, State, log};
-use crate::image_io;
+use super::{State, log};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request};
@@ -11,7 +10,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -342,7 +340,6 @@ async fn read_images(state: &Arc<State>, req: Request) -> Result<(Vec<Upload>, b
 /// Admits, decodes and runs the images of a request; one result per image, in order.
 async fn run_images(
     state: &Arc<State>,
-    loaded: &Arc<Loaded>,
     uploads: &[Upload],
     task: Task,
 ) -> Result<Vec<Reply>, ApiError> {
@@ -376,36 +373,13 @@ async fn run_images(
     let mut pending = Vec::with_capacity(n);
     for upload in uploads {
         let (tx, rx) = oneshot::channel::<Reply>();
-        let bytes = upload.bytes.clone();
-        let jobs = state.jobs.clone();
-        let pre = loaded.preprocess;
-        let max_pixels = state.config.max_pixels;
-        rayon::spawn(move || {
-            let decoded = panic::catch_unwind(AssertUnwindSafe(|| {
-                image_io::decode_rgb8_bytes(&bytes, max_pixels)
-                    .and_then(|img| image_io::preprocess_rgb8(&img, &pre))
-            }));
-            match decoded {
-                Ok(Ok(pixels)) => {
-                    // If the network thread is gone (shutting down), dropping the job drops
-                    // `tx`, and the request sees that.
-                    let _ = jobs.send(Msg::Job(Job {
-                        pixels,
-                        task,
-                        reply: tx,
-                    }));
-                }
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(Failure::BadImage(e.0)));
-                }
-                Err(payload) => {
-                    let _ = tx.send(Err(Failure::Internal(format!(
-                        "the decoder panicked: {}",
-                        super::batcher::panic_text(payload.as_ref())
-                    ))));
-                }
-            }
-        });
+        // If the batching loops are gone (shutting down), the job is dropped with `tx`, and
+        // the request sees that.
+        let _ = state.jobs.send(Msg::Job(Job {
+            bytes: upload.bytes.clone(),
+            task,
+            reply: tx,
+        }));
         pending.push(rx);
     }
     let mut replies = Vec::with_capacity(n);
@@ -433,12 +407,11 @@ fn failure(f: &Failure) -> (StatusCode, &'static str, &str) {
 /// The common path of the image endpoints: read, admit, run, answer.
 async fn answer(
     state: &Arc<State>,
-    loaded: &Arc<Loaded>,
     (uploads, multipart): (Vec<Upload>, bool),
     task: Task,
     render: &Render<'_>,
 ) -> Result<Response, ApiError> {
-    let replies = run_images(state, loaded, &uploads, task).await?;
+    let replies = run_images(state, &uploads, task).await?;
     let n = uploads.len();
     if !multipart {
         let mut resp = match &replies[0] {
@@ -514,7 +487,7 @@ async fn predict(state: AppState, req: Request) -> Result<Response, ApiError> {
         let probs = head.predict_proba(features, 1);
         crate::model::prediction_json(&head.classes, &probs, top_k)
     };
-    answer(&state, &loaded, images, Task::Features, &render).await
+    answer(&state, images, Task::Features, &render).await
 }
 
 async fn featurize(state: AppState, req: Request) -> Result<Response, ApiError> {
@@ -525,14 +498,14 @@ async fn featurize(state: AppState, req: Request) -> Result<Response, ApiError> 
             "top_k is for /v1/predict and /v1/classify",
         ));
     }
-    let loaded = state.loaded.get().ok_or_else(ApiError::not_ready)?.clone();
+    state.loaded.get().ok_or_else(ApiError::not_ready)?;
     let render = |features: &[f32]| {
         let mut v = serde_json::Map::new();
         v.insert("features".into(), json!(features));
         v.insert("dim".into(), json!(features.len()));
         v
     };
-    answer(&state, &loaded, images, Task::Features, &render).await
+    answer(&state, images, Task::Features, &render).await
 }
 
 async fn classify(state: AppState, req: Request) -> Result<Response, ApiError> {
@@ -564,7 +537,7 @@ async fn classify(state: AppState, req: Request) -> Result<Response, ApiError> {
         v.insert("top".into(), Value::Array(top));
         v
     };
-    answer(&state, &loaded, images, Task::Classify, &render).await
+    answer(&state, images, Task::Classify, &render).await
 }
 
 #[cfg(test)]

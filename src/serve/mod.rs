@@ -1,12 +1,13 @@
 //! `dltool serve`: a head (with its network) or a network alone behind HTTP.
 //!
-//! Three kinds of threads, so that neither starves the other:
+//! Two kinds of threads, so that neither starves the other:
 //! - a small tokio runtime does the HTTP I/O (axum on hyper): accepting, reading bodies,
 //!   writing answers; it never decodes or runs a network;
-//! - rayon's pool decodes and resizes images (the decode path of `featurize` and `predict`,
-//!   from bytes instead of files), as many at once as there are cores;
-//! - one thread owns the network and runs the batches the decoded images are gathered into
-//!   (see [`batcher`]); the network spreads its own work over rayon's pool.
+//! - the batching loops, one per thread of rayon's pool on the CPU (see [`batcher`]), each
+//!   gathering the images of concurrent requests into a batch, decoding and resizing them
+//!   (the decode path of `featurize` and `predict`, from bytes instead of files) and running
+//!   the network over them on its own thread, as `featurize`'s pipelines do; a lone image runs
+//!   on the whole pool.
 //!
 //! Admission is bounded: at most `queue` images are in the server at once (decoding, waiting
 //! or in the network); beyond that a request gets 503 with `Retry-After` at once, so a
@@ -20,7 +21,7 @@ pub mod metrics;
 use crate::backbone::{Backbone, BackboneOptions};
 use crate::device::DeviceChoice;
 use crate::head::Head;
-use crate::image_io::Preprocess;
+use crate::image_io::{self, Preprocess};
 use crate::labels::Label;
 use batcher::{Batching, Msg, Task};
 use serde_json::json;
@@ -165,7 +166,7 @@ pub fn serve(
         let state = state.clone();
         std::thread::Builder::new()
             .name("dltool-network".into())
-            .spawn(move || network_loop(&state, network, &rx))
+            .spawn(move || network_loop(&state, network, rx))
             .map_err(ServeError::Runtime)?
     };
 
@@ -218,7 +219,7 @@ async fn shutdown_signal(state: Arc<State>) {
 }
 
 /// The network thread: loads the network, says so, then runs batches until told to stop.
-fn network_loop(state: &State, network: Network, rx: &mpsc::Receiver<Msg>) {
+fn network_loop(state: &State, network: Network, rx: mpsc::Receiver<Msg>) {
     let started = std::time::Instant::now();
     let loaded = crate::device::open(state.config.device)
         .map_err(anyhow::Error::msg)
@@ -240,11 +241,24 @@ fn network_loop(state: &State, network: Network, rx: &mpsc::Receiver<Msg>) {
         json!({"network": loaded.info["network"]["backbone"],
                "load_seconds": started.elapsed().as_secs_f64()}),
     );
+    let (pre, max_pixels) = (loaded.preprocess, state.config.max_pixels);
     let _ = state.loaded.set(Arc::new(loaded));
+    // A GPU runs one batch at a time: one loop, which decodes on the whole pool.
+    let loops = if backbone.is_cpu() {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     batcher::run(
         rx,
         state.config.batching,
         &state.metrics,
+        loops,
+        |bytes| {
+            image_io::decode_rgb8_bytes(bytes, max_pixels)
+                .and_then(|img| image_io::preprocess_rgb8(&img, &pre))
+                .map_err(|e| e.0)
+        },
         |task, pixels, n| match task {
             Task::Features => Ok(backbone.features(pixels, n)),
             Task::Classify => backbone
