@@ -66,7 +66,7 @@ where
         count => pools(count),
     };
     let Some(pools) = pools else {
-        return f(0..n);
+        return on_a_worker(|| f(0..n));
     };
     let parts: Vec<Vec<f32>> = groups
         .into_par_iter()
@@ -74,6 +74,17 @@ where
         .map(|(range, pool)| pool.install(|| f(range)))
         .collect();
     parts.concat()
+}
+
+/// `f` on a thread of the current pool: called from outside the pool (the main thread, a
+/// server's batching loop), every parallel loop inside `f` would otherwise be handed to the
+/// pool from outside, the caller sleeping until it is done and woken after, hundreds of times
+/// an image; from a worker, the caller's thread takes its share of each loop itself.
+fn on_a_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() == 1 {
+        return f();
+    }
+    rayon::scope(|_| f())
 }
 
 /// [`run`] over `n` images laid back to back in `pixels` (equal lengths): `f(part, k)` gets a
