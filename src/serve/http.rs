@@ -337,7 +337,8 @@ async fn read_images(state: &Arc<State>, req: Request) -> Result<(Vec<Upload>, b
     Ok((uploads, true))
 }
 
-/// Admits, decodes and runs the images of a request; one result per image, in order.
+/// Admits the images of a request and hands them to the batching loops, which decode and run
+/// them; one result per image, in order.
 async fn run_images(
     state: &Arc<State>,
     uploads: &[Upload],
