@@ -351,6 +351,22 @@ mod tests {
         }
     }
 
+    /// A queue holding feature jobs of `values`, then [`Msg::Stop`]; their replies in order.
+    fn queued(
+        values: std::ops::RangeInclusive<u8>,
+    ) -> (mpsc::Receiver<Msg>, Vec<oneshot::Receiver<Reply>>) {
+        let (tx, rx) = mpsc::channel();
+        let replies = values
+            .map(|i| {
+                let (msg, reply) = job(i, Task::Features);
+                tx.send(msg).unwrap();
+                reply
+            })
+            .collect();
+        tx.send(Msg::Stop).unwrap();
+        (rx, replies)
+    }
+
     /// Runs the loops over `rx` with a network that answers each image with its pixel sum;
     /// the batch sizes in the order the batches ran.
     fn sizes_of_run(rx: mpsc::Receiver<Msg>, batching: Batching, loops: usize) -> Vec<usize> {
@@ -371,14 +387,7 @@ mod tests {
 
     #[test]
     fn waiting_jobs_share_batches_of_at_most_max_batch() {
-        let (tx, rx) = mpsc::channel();
-        let mut replies = Vec::new();
-        for i in 1..=5 {
-            let (msg, reply) = job(i, Task::Features);
-            tx.send(msg).unwrap();
-            replies.push(reply);
-        }
-        tx.send(Msg::Stop).unwrap();
+        let (rx, replies) = queued(1..=5);
         assert_eq!(sizes_of_run(rx, batching(2, 0), 1), vec![2, 2, 1]);
         for (i, mut reply) in replies.into_iter().enumerate() {
             assert_eq!(reply.try_recv().unwrap(), Ok(vec![2.0 * (i + 1) as f32]));
@@ -387,14 +396,7 @@ mod tests {
 
     #[test]
     fn several_loops_answer_every_job_with_its_own_row_in_shares_of_max_batch() {
-        let (tx, rx) = mpsc::channel();
-        let mut replies = Vec::new();
-        for i in 1..=40 {
-            let (msg, reply) = job(i, Task::Features);
-            tx.send(msg).unwrap();
-            replies.push(reply);
-        }
-        tx.send(Msg::Stop).unwrap();
+        let (rx, replies) = queued(1..=40);
         let sizes = Mutex::new(Vec::new());
         let threads = Mutex::new(std::collections::HashSet::new());
         // Four loops share a max batch of 8: at most 2 images a batch.
@@ -549,15 +551,13 @@ mod tests {
     #[test]
     fn a_lone_image_runs_on_the_whole_pool_and_a_loop_batch_on_its_own_thread() {
         let whole = rayon::current_num_threads();
+        // On a pool of one thread the whole pool and a loop's own thread look the same.
+        assert!(
+            whole > 1,
+            "this test needs a pool of 2 threads or more (RAYON_NUM_THREADS)"
+        );
         for (images, expected) in [(1, whole), (2, 1)] {
-            let (tx, rx) = mpsc::channel();
-            let mut replies = Vec::new();
-            for i in 1..=images {
-                let (msg, reply) = job(i, Task::Features);
-                tx.send(msg).unwrap();
-                replies.push(reply);
-            }
-            tx.send(Msg::Stop).unwrap();
+            let (rx, mut replies) = queued(1..=images);
             let threads = Mutex::new(Vec::new());
             run(
                 rx,

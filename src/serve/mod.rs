@@ -21,7 +21,7 @@ pub mod metrics;
 use crate::backbone::{Backbone, BackboneOptions};
 use crate::device::DeviceChoice;
 use crate::head::Head;
-use crate::image_io::{self, Preprocess};
+use crate::image_io;
 use crate::labels::Label;
 use batcher::{Batching, Msg, Task};
 use serde_json::json;
@@ -84,7 +84,6 @@ pub enum ServeError {
 /// What is known once the network is loaded.
 pub(crate) struct Loaded {
     pub head: Option<Arc<Head>>,
-    pub preprocess: Preprocess,
     /// The classifier's labels, or why `/v1/classify` cannot answer.
     pub labels: Result<Vec<Label>, String>,
     /// `GET /v1/model`.
@@ -241,7 +240,7 @@ fn network_loop(state: &State, network: Network, rx: mpsc::Receiver<Msg>) {
         json!({"network": loaded.info["network"]["backbone"],
                "load_seconds": started.elapsed().as_secs_f64()}),
     );
-    let (pre, max_pixels) = (loaded.preprocess, state.config.max_pixels);
+    let (pre, max_pixels) = (backbone.preprocess, state.config.max_pixels);
     let _ = state.loaded.set(Arc::new(loaded));
     // A GPU runs one batch at a time: one loop, which decodes on the whole pool.
     let loops = if backbone.is_cpu() {
@@ -332,12 +331,7 @@ fn load(
         },
         "dltool_version": env!("CARGO_PKG_VERSION"),
     });
-    let loaded = Loaded {
-        head,
-        preprocess: backbone.preprocess,
-        labels,
-        info,
-    };
+    let loaded = Loaded { head, labels, info };
     Ok((backbone, loaded))
 }
 
