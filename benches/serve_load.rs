@@ -1,6 +1,9 @@
 //! Load generator for `dltool serve`: throughput and p50/p99 latency at 1, 4, 16 and 64
 //! concurrent clients on 127.0.0.1, beside `featurize`'s throughput on the same images and
-//! network (what batching should approach) and one image's time at batch 1.
+//! network (what batching should approach) and one image's time at batch 1. The server's own
+//! `/metrics` give the mean batch and the network's time per batch over the same requests, so
+//! a lone client's latency is set against the network time of its own images, not against a
+//! run minutes apart on a machine whose speed drifts.
 //!
 //! ```sh
 //! cargo bench --bench serve_load -- [--weights W] [--head HEAD] [--images N] [--seconds S]
@@ -122,13 +125,38 @@ fn start_server(o: &Options) -> Server {
     server
 }
 
+/// The server's totals so far: (images through the network, batches, network seconds).
+fn totals(base: &str) -> (f64, f64, f64) {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("/metrics has no {name}"))
+    };
+    (
+        value("dltool_batch_size_sum"),
+        value("dltool_batch_size_count"),
+        value("dltool_network_duration_seconds_sum"),
+    )
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// `clients` threads posting images back to back for `seconds`: (images/s, p50 ms, p99 ms).
-fn load(url: &str, bodies: &Arc<Vec<Vec<u8>>>, clients: usize, seconds: f64) -> (f64, f64, f64) {
+/// `clients` threads posting images back to back for `seconds`:
+/// (images/s, p50 ms, p99 ms, mean ms).
+fn load(
+    url: &str,
+    bodies: &Arc<Vec<Vec<u8>>>,
+    clients: usize,
+    seconds: f64,
+) -> (f64, f64, f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -172,6 +200,7 @@ fn load(url: &str, bodies: &Arc<Vec<Vec<u8>>>, clients: usize, seconds: f64) -> 
         all.len() as f64 / elapsed,
         percentile(&all, 0.5),
         percentile(&all, 0.99),
+        all.iter().sum::<f64>() / all.len() as f64,
     )
 }
 
@@ -232,11 +261,29 @@ fn main() {
             .send_bytes(b)
             .unwrap();
     }
-    println!("| clients | images/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|");
+    println!("| clients | images/s | p50 ms | p99 ms | images/batch | network ms/batch |");
+    println!("|---|---|---|---|---|---|");
+    let mut lone = None;
     for &c in &o.clients {
-        let (rate, p50, p99) = load(&url, &bodies, c, o.seconds);
-        println!("| {c} | {rate:.2} | {p50:.1} | {p99:.1} |");
+        let before = totals(&server.1);
+        let (rate, p50, p99, mean) = load(&url, &bodies, c, o.seconds);
+        let after = totals(&server.1);
+        let batches = (after.1 - before.1).max(1.0);
+        let (per_batch, network_ms) = (
+            (after.0 - before.0) / batches,
+            (after.2 - before.2) * 1e3 / batches,
+        );
+        println!("| {c} | {rate:.2} | {p50:.1} | {p99:.1} | {per_batch:.2} | {network_ms:.1} |");
+        if c == 1 {
+            lone = Some((p50, mean, network_ms));
+        }
+    }
+    if let Some((p50, mean, network_ms)) = lone {
+        println!(
+            "a lone client: mean {mean:.1} ms = {:.3}x the network's mean {network_ms:.1} ms a \
+             batch over the same requests (p50 {p50:.1} ms)",
+            mean / network_ms
+        );
     }
     drop(server);
     let batch = o

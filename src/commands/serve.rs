@@ -55,7 +55,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
 
-    /// Longest wait for more images once one is ready, before its batch runs anyway.
+    /// Longest wait for more images once one is ready, before its batch runs anyway; only
+    /// while requests have overlapped within the last second (a lone client never waits).
     #[arg(long, default_value_t = 2, value_name = "MS")]
     pub max_wait_ms: u64,
 

@@ -3,7 +3,9 @@
 //!
 //! A loop's batch is whatever is already waiting when the loop is free, topped up for at most
 //! `max_wait` after its first image, up to its share of `max_batch` (so that at most
-//! `max_batch` images are in the network at once). The loop decodes its batch itself and runs
+//! `max_batch` images are in the network at once). It tops up only while the server has
+//! lately had company ([`Company`]): a lone client's images never overlap, and waiting for
+//! another would only add `max_wait` to each of them. The loop decodes its batch itself and runs
 //! the network over it in a pool of its own one thread, as `featurize`'s pipelines do (see
 //! [`crate::featurize`]): decoding never time-slices a core with the network, and no loop
 //! waits for another at the end of a batch. Under load every loop is busy and the queue
@@ -18,7 +20,7 @@ use crate::engine::batch_split;
 use axum::body::Bytes;
 use rayon::prelude::*;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -69,6 +71,53 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
+/// Whether more than one image has lately been in the server at once: only then is an image
+/// worth holding back for `max_wait` in the hope of a batch. A sequential client (one request
+/// at a time, the next sent when the last is answered) never has company, so its images start
+/// as soon as a loop takes them; under concurrent load the loops wait as configured.
+#[derive(Debug)]
+pub struct Company {
+    epoch: Instant,
+    /// When more than one image was last seen in the server: nanoseconds after `epoch`, plus
+    /// one (0: never).
+    last: AtomicU64,
+}
+
+impl Default for Company {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Company {
+    /// How long company is remembered: long beside a batch (a returning cohort of closed-loop
+    /// clients comes back within one), short enough that a lone client after a burst stops
+    /// waiting within a second.
+    pub const MEMORY: Duration = Duration::from_secs(1);
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// `in_flight` images are in the server now, a request's own included: told as its
+    /// images are admitted and again as they leave, so that requests that overlapped for
+    /// longer than the memory (a long batch) are still company when they end.
+    pub fn saw(&self, in_flight: usize) {
+        if in_flight > 1 {
+            self.last.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// More than one image was in the server within [`Company::MEMORY`].
+    pub fn lately(&self) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        last != 0 && self.now().saturating_sub(last) <= Self::MEMORY.as_nanos() as u64
+    }
+}
+
 /// Runs batches on `loops` loops until [`Msg::Stop`] or until every sender is gone (one loop,
 /// on the calling thread, when `loops` is 1 or no other thread can be had).
 /// `decode(bytes)` gives an image's pixels or why there are none; `network(task, pixels, n)`
@@ -77,6 +126,7 @@ pub struct Batching {
 pub fn run<D, N>(
     rx: Receiver<Msg>,
     batching: Batching,
+    company: &Company,
     metrics: &Metrics,
     loops: usize,
     decode: D,
@@ -97,6 +147,7 @@ pub fn run<D, N>(
         // Each loop's share, so that at most `max_batch` images are in the network at once.
         most: batching.max_batch.div_ceil(loops).max(1),
         max_wait: batching.max_wait,
+        company,
         loops,
         metrics,
         decode: &decode,
@@ -132,6 +183,7 @@ struct Shared<'a, D, N> {
     /// Images in one loop's batch at most.
     most: usize,
     max_wait: Duration,
+    company: &'a Company,
     loops: usize,
     metrics: &'a Metrics,
     decode: &'a D,
@@ -152,7 +204,13 @@ where
                 if self.stopped.load(Ordering::SeqCst) {
                     return;
                 }
-                let gathered = gather(&rx, self.most, self.max_wait);
+                let gathered = gather(&rx, self.most, || {
+                    if self.company.lately() {
+                        self.max_wait
+                    } else {
+                        Duration::ZERO
+                    }
+                });
                 if gathered.1 {
                     self.stopped.store(true, Ordering::SeqCst);
                 }
@@ -226,14 +284,15 @@ where
     }
 }
 
-/// A batch from the queue: the first message, then whatever else comes within `max_wait` of
-/// it, up to `most` images; `true` when the queue said stop (or closed) meanwhile.
-fn gather(rx: &Receiver<Msg>, most: usize, max_wait: Duration) -> (Vec<Job>, bool) {
+/// A batch from the queue: the first message, then whatever else is waiting or comes within
+/// `wait()` of it (asked once the first is in), up to `most` images; `true` when the queue
+/// said stop (or closed) meanwhile.
+fn gather(rx: &Receiver<Msg>, most: usize, wait: impl FnOnce() -> Duration) -> (Vec<Job>, bool) {
     let first = match rx.recv() {
         Ok(Msg::Job(job)) => job,
         Ok(Msg::Stop) | Err(_) => return (Vec::new(), true),
     };
-    let deadline = Instant::now() + max_wait;
+    let deadline = Instant::now() + wait();
     let mut jobs = vec![first];
     while jobs.len() < most {
         let msg = match rx.try_recv() {
@@ -369,11 +428,17 @@ mod tests {
 
     /// Runs the loops over `rx` with a network that answers each image with its pixel sum;
     /// the batch sizes in the order the batches ran.
-    fn sizes_of_run(rx: mpsc::Receiver<Msg>, batching: Batching, loops: usize) -> Vec<usize> {
+    fn sizes_of_run(
+        rx: mpsc::Receiver<Msg>,
+        batching: Batching,
+        company: &Company,
+        loops: usize,
+    ) -> Vec<usize> {
         let sizes = Mutex::new(Vec::new());
         run(
             rx,
             batching,
+            company,
             &Metrics::default(),
             loops,
             decode,
@@ -388,7 +453,10 @@ mod tests {
     #[test]
     fn waiting_jobs_share_batches_of_at_most_max_batch() {
         let (rx, replies) = queued(1..=5);
-        assert_eq!(sizes_of_run(rx, batching(2, 0), 1), vec![2, 2, 1]);
+        assert_eq!(
+            sizes_of_run(rx, batching(2, 0), &Company::default(), 1),
+            vec![2, 2, 1]
+        );
         for (i, mut reply) in replies.into_iter().enumerate() {
             assert_eq!(reply.try_recv().unwrap(), Ok(vec![2.0 * (i + 1) as f32]));
         }
@@ -403,6 +471,7 @@ mod tests {
         run(
             rx,
             batching(8, 0),
+            &Company::default(),
             &Metrics::default(),
             4,
             decode,
@@ -437,7 +506,7 @@ mod tests {
             for m in [a, b, c, d, Msg::Stop] {
                 tx.send(m).unwrap();
             }
-            let sizes = sizes_of_run(rx, batching(8, 0), loops);
+            let sizes = sizes_of_run(rx, batching(8, 0), &Company::default(), loops);
             // Only the two good images reached the network.
             assert_eq!(sizes.iter().sum::<usize>(), 2);
             assert_eq!(ra.try_recv().unwrap(), Ok(vec![6.0]));
@@ -453,38 +522,67 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lone_job_waits_for_company_only_until_max_wait() {
-        let (tx, rx) = mpsc::channel();
-        let (first, r1) = job(1, Task::Features);
-        tx.send(first).unwrap();
-        let late = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            let (second, r2) = job(2, Task::Features);
-            tx.send(second).unwrap();
-            tx.send(Msg::Stop).unwrap();
-            r2
-        });
-        let sizes = sizes_of_run(rx, batching(8, 1000), 1);
-        // The second job came 50 ms after the first, within the 1 s wait: one batch of two.
-        assert_eq!(sizes, vec![2]);
-        drop(r1);
-        drop(late.join().unwrap());
-
+    /// A second job `after_ms` after a first, then stop: the batch sizes that ran.
+    fn two_jobs_apart(after_ms: u64, batching: Batching, company: &Company) -> Vec<usize> {
         let (tx, rx) = mpsc::channel();
         let (first, _r1) = job(1, Task::Features);
         tx.send(first).unwrap();
         let late = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(after_ms));
             let (second, r2) = job(2, Task::Features);
             tx.send(second).unwrap();
             tx.send(Msg::Stop).unwrap();
             r2
         });
-        let sizes = sizes_of_run(rx, batching(8, 20), 1);
-        // With a 20 ms wait the first job goes alone.
-        assert_eq!(sizes, vec![1, 1]);
+        let sizes = sizes_of_run(rx, batching, company, 1);
         drop(late.join().unwrap());
+        sizes
+    }
+
+    fn crowded() -> Company {
+        let company = Company::default();
+        company.saw(2);
+        company
+    }
+
+    #[test]
+    fn with_company_a_job_waits_for_more_only_until_max_wait() {
+        // The second job came 50 ms after the first, within the 1 s wait: one batch of two.
+        assert_eq!(two_jobs_apart(50, batching(8, 1000), &crowded()), vec![2]);
+        // With a 20 ms wait the first job goes alone.
+        assert_eq!(two_jobs_apart(300, batching(8, 20), &crowded()), vec![1, 1]);
+    }
+
+    #[test]
+    fn without_company_a_job_starts_at_once() {
+        // A lone client's image does not wait for a second that a 2 s wait would have taken.
+        let lone = Company::default();
+        lone.saw(1);
+        assert_eq!(two_jobs_apart(300, batching(8, 2000), &lone), vec![1, 1]);
+        // What is already waiting is still taken together.
+        let (rx, _replies) = queued(1..=3);
+        assert_eq!(sizes_of_run(rx, batching(8, 2000), &lone, 1), vec![3]);
+    }
+
+    #[test]
+    fn company_is_more_than_one_image_in_the_server_within_its_memory() {
+        let company = Company::default();
+        assert!(!company.lately(), "nothing admitted yet");
+        company.saw(1);
+        assert!(!company.lately(), "one image alone is no company");
+        company.saw(3);
+        assert!(company.lately());
+        // Company seen longer ago than the memory is forgotten.
+        let Some(epoch) = Instant::now().checked_sub(Company::MEMORY * 3) else {
+            panic!("the clock cannot go {:?} back", Company::MEMORY * 3)
+        };
+        let old = Company {
+            epoch,
+            last: AtomicU64::new(1),
+        };
+        assert!(!old.lately());
+        old.saw(2);
+        assert!(old.lately());
     }
 
     #[test]
@@ -500,6 +598,7 @@ mod tests {
         run(
             rx,
             batching(8, 0),
+            &Company::default(),
             &Metrics::default(),
             1,
             decode,
@@ -533,7 +632,7 @@ mod tests {
         for m in [a, b, Msg::Stop] {
             tx.send(m).unwrap();
         }
-        let sizes = sizes_of_run(rx, batching(8, 0), 1);
+        let sizes = sizes_of_run(rx, batching(8, 0), &Company::default(), 1);
         assert_eq!(sizes, vec![1]);
         assert_eq!(rb.try_recv().unwrap(), Ok(vec![4.0]));
     }
@@ -544,7 +643,10 @@ mod tests {
         let (a, mut ra) = job(5, Task::Features);
         tx.send(a).unwrap();
         drop(tx);
-        assert_eq!(sizes_of_run(rx, batching(4, 0), 3), vec![1]);
+        assert_eq!(
+            sizes_of_run(rx, batching(4, 0), &Company::default(), 3),
+            vec![1]
+        );
         assert_eq!(ra.try_recv().unwrap(), Ok(vec![10.0]));
     }
 
@@ -562,6 +664,7 @@ mod tests {
             run(
                 rx,
                 batching(4, 0),
+                &Company::default(),
                 &Metrics::default(),
                 2,
                 decode,

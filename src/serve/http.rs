@@ -371,6 +371,7 @@ async fn run_images(
                 ),
             )
         })?;
+    state.company.saw(state.queue_depth());
     let mut pending = Vec::with_capacity(n);
     for upload in uploads {
         let (tx, rx) = oneshot::channel::<Reply>();
@@ -391,6 +392,7 @@ async fn run_images(
             ))
         }));
     }
+    state.company.saw(state.queue_depth());
     Ok(replies)
 }
 

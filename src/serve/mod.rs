@@ -97,6 +97,8 @@ pub(crate) struct State {
     pub admission: Arc<tokio::sync::Semaphore>,
     pub jobs: mpsc::Sender<Msg>,
     pub metrics: metrics::Metrics,
+    /// Whether images have lately overlapped: the batching loops wait for more only then.
+    pub company: batcher::Company,
     /// Set by SIGTERM/Ctrl-C: `/readyz` says 503 so a balancer stops sending.
     pub draining: AtomicBool,
     /// Why the network could not be loaded; the server then stops.
@@ -112,6 +114,7 @@ impl State {
             loaded: OnceLock::new(),
             jobs,
             metrics: metrics::Metrics::default(),
+            company: batcher::Company::default(),
             draining: AtomicBool::new(false),
             load_error: Mutex::new(None),
             load_failed: tokio::sync::Notify::new(),
@@ -251,6 +254,7 @@ fn network_loop(state: &State, network: Network, rx: mpsc::Receiver<Msg>) {
     batcher::run(
         rx,
         state.config.batching,
+        &state.company,
         &state.metrics,
         loops,
         |bytes| {

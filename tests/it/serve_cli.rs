@@ -344,6 +344,24 @@ fn predictions_equal_dltool_predict() {
 }
 
 #[test]
+fn a_lone_client_never_waits_for_company() {
+    let images = test_images(2);
+    let server = mobilenet_server(&["--max-wait-ms", "10000", "--max-batch", "64"]);
+    // Sequential requests: each is alone in the server, and a 10 s wait for a second image
+    // would only delay it.
+    for image in &images {
+        let started = Instant::now();
+        let a = server.post_image("/v1/predict", image);
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a lone request took {:?} with --max-wait-ms 10000",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
 fn sixty_four_concurrent_requests_are_all_answered() {
     let weights = shared(MOBILENET);
     let images = test_images(2);
@@ -571,7 +589,8 @@ fn bad_bodies_get_4xx_naming_the_problem_while_good_ones_succeed() {
 fn a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out() {
     let images = test_images(1);
     let good = std::fs::read(&images[0]).unwrap();
-    // Batches wait up to 3 s for company: two images fill the queue meanwhile.
+    // Two images in the server are company: their batch waits up to 3 s for more, and they
+    // fill the queue meanwhile.
     let server = mobilenet_server(&["--queue", "2", "--max-wait-ms", "3000", "--max-batch", "64"]);
     let (ct, two) = multipart(&[("a.jpg", good.clone()), ("b.jpg", good.clone())]);
     std::thread::scope(|s| {
@@ -602,8 +621,8 @@ fn a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out() {
     );
     drop(server);
 
-    // A request that outlives --timeout-ms is answered 503 (the batch waits 3 s, the request
-    // may take 300 ms).
+    // A request that outlives --timeout-ms is answered 503 (its two images wait 3 s for
+    // more, the request may take 300 ms).
     let server = mobilenet_server(&[
         "--timeout-ms",
         "300",
@@ -613,7 +632,7 @@ fn a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out() {
         "64",
     ]);
     let started = Instant::now();
-    let a = server.post("/v1/predict", "image/jpeg", &good);
+    let a = server.post("/v1/predict", &ct, &two);
     assert_eq!(
         (a.status, a.json["error"]["kind"].as_str()),
         (503, Some("timeout")),
@@ -633,6 +652,13 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
     let expected = predict_jsonl(mobilenet_head(), &weights, &images, &[]);
     let mut server = mobilenet_server(&["--max-wait-ms", "2000", "--max-batch", "64"]);
     let url = server.url("/v1/predict");
+    // A lone request never waits for company; a request of two images makes the server
+    // expect some, so that the next requests wait in a batch for each other.
+    let (ct, two) = multipart(&[
+        ("a.jpg", std::fs::read(&images[0]).unwrap()),
+        ("b.jpg", std::fs::read(&images[1]).unwrap()),
+    ]);
+    assert_eq!(server.post("/v1/predict", &ct, &two).status, 200);
     let answers = std::thread::scope(|s| {
         let handles: Vec<_> = images
             .iter()
