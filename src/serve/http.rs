@@ -371,6 +371,8 @@ async fn run_images(
                 ),
             )
         })?;
+    // Whether the batching loops should wait for more images (see `batcher::Company`): told
+    // as the request comes and as it goes, with however many images are in the server then.
     state.company.saw(state.queue_depth());
     let mut pending = Vec::with_capacity(n);
     for upload in uploads {
