@@ -650,16 +650,17 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
     let weights = shared(MOBILENET);
     let images = test_images(2);
     let expected = predict_jsonl(mobilenet_head(), &weights, &images, &[]);
-    let mut server = mobilenet_server(&["--max-wait-ms", "2000", "--max-batch", "64"]);
+    let mut server = mobilenet_server(&["--max-wait-ms", "5000", "--max-batch", "64"]);
     let url = server.url("/v1/predict");
-    // A lone request never waits for company; a request of two images makes the server
-    // expect some, so that the next requests wait in a batch for each other.
+    // Two images in one request are company: their batch waits up to 5 s for more, and the
+    // requests sent meanwhile join it (a lone request would run at once).
     let (ct, two) = multipart(&[
         ("a.jpg", std::fs::read(&images[0]).unwrap()),
         ("b.jpg", std::fs::read(&images[1]).unwrap()),
     ]);
-    assert_eq!(server.post("/v1/predict", &ct, &two).status, 200);
-    let answers = std::thread::scope(|s| {
+    let (answers, pair) = std::thread::scope(|s| {
+        let pair = s.spawn(|| post(&url, &ct, &two));
+        server.wait_for_queue_depth(2);
         let handles: Vec<_> = images
             .iter()
             .map(|p| {
@@ -668,14 +669,16 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
             })
             .collect();
         // All of them wait in the batch when the signal comes.
-        server.wait_for_queue_depth(images.len());
+        server.wait_for_queue_depth(2 + images.len());
         let pid = server.child.id() as libc::pid_t;
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        handles
+        let answers = handles
             .into_iter()
             .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (answers, pair.join().unwrap())
     });
+    assert_eq!(pair.status, 200, "{pair:?}");
     for (a, want) in answers.iter().zip(&expected) {
         assert_eq!(a.status, 200, "{a:?}");
         assert_eq!(a.json, without_path(want));
@@ -704,7 +707,7 @@ fn sigterm_stops_accepting_drains_in_flight_requests_and_exits_0() {
         .find(|e| e["event"] == "shutdown")
         .expect("a shutdown line");
     assert_eq!(shutdown["reason"], "SIGTERM");
-    assert_eq!(shutdown["in_flight_images"], images.len());
+    assert_eq!(shutdown["in_flight_images"], 2 + images.len());
     assert_eq!(events.last().unwrap()["event"], "stopped", "{log}");
 }
 
