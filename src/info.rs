@@ -81,8 +81,9 @@ pub struct CachedEntry {
 }
 
 /// The CPU's extensions and the path each kernel family takes, from the engine's one dispatch
-/// (`engine::cpu`, which `DLTOOL_SIMD` can force) and, for GEMM, the `gemm` crate's own
-/// detection (it cannot be forced).
+/// (`engine::cpu`, which `DLTOOL_SIMD` can force) and, for the `gemm` crate's GEMMs (dense
+/// layers, and convolutions off the AVX-512 path), the crate's own detection (it cannot be
+/// forced).
 pub fn cpu() -> Cpu {
     use crate::engine::cpu::{Simd, simd};
     #[cfg(target_arch = "x86_64")]
@@ -112,10 +113,17 @@ pub fn cpu() -> Cpu {
         Simd::Avx2 => "avx2+fma (gemm x86-v3)",
         Simd::Scalar => "scalar",
     };
+    // On the engine's AVX-512 path the convolutions multiply by dltool's own kernel over
+    // weights packed at load; on the others, and for dense layers, by the `gemm` crate.
+    let conv_gemm = match simd() {
+        Simd::Avx512 => format!("avx512f+fma (weights packed at load){forced}"),
+        _ => gemm.to_string(),
+    };
     let kernels = [
         ("winograd convolutions", format!("{engine}{forced}")),
+        ("convolution gemm", conv_gemm),
         ("logistic regression", format!("{engine}{forced}")),
-        ("gemm (1x1 convolutions, dense layers)", gemm.to_string()),
+        ("gemm (dense layers)", gemm.to_string()),
     ]
     .into_iter()
     .map(|(name, path)| Kernel {

@@ -1,6 +1,7 @@
 //! Every vector-unit path of the CPU engine against the golden InceptionV3 activations: the
-//! portable kernels and AVX2 would otherwise never run on an AVX-512 machine (the GEMMs are
-//! the `gemm` crate's and take its own dispatch, which cannot be forced; see README).
+//! portable kernels and AVX2 would otherwise never run on an AVX-512 machine (off the AVX-512
+//! path the convolutions' GEMMs are the `gemm` crate's, which take its own dispatch and cannot
+//! be forced; see README).
 //!
 //! One test in its own binary: forcing a path is process-wide.
 
@@ -32,12 +33,8 @@ fn every_available_path_matches_the_golden_stages() {
     {
         assert_eq!(paths, Simd::ALL, "an AVX-512 CPU runs every path");
     }
-    let mut pools = Vec::new();
-    for path in paths {
-        cpu::force(Some(path)).unwrap();
-        assert_eq!(cpu::simd(), path);
-        // Built under the path too: the Winograd weight transforms run at construction.
-        let fast = FastInceptionV3::from_model(&model);
+    // Every stage within 1e-4 x its largest reference value.
+    let check = |label: &str, fast: &FastInceptionV3| {
         let stages = fast.forward_stages(&input, n);
         for (name, ours) in [
             ("stem", &stages.stem),
@@ -48,13 +45,29 @@ fn every_available_path_matches_the_golden_stages() {
         ] {
             let (_, reference) = golden.tensor(name);
             let (diff, scale) = max_abs_diff(ours, &reference);
-            eprintln!("{path:?} {name}: max |diff| = {diff:e}, max |ref| = {scale}");
+            eprintln!("{label} {name}: max |diff| = {diff:e}, max |ref| = {scale}");
             assert!(
                 diff <= 1e-4 * scale,
-                "{path:?} {name}: max |diff| {diff} exceeds 1e-4 x max |ref| ({scale})"
+                "{label} {name}: max |diff| {diff} exceeds 1e-4 x max |ref| ({scale})"
             );
         }
-        pools.push(stages.pool);
+        stages.pool
+    };
+    let mut pools = Vec::new();
+    for path in paths {
+        cpu::force(Some(path)).unwrap();
+        assert_eq!(cpu::simd(), path);
+        // Built under the path too: the Winograd weight transforms run at construction.
+        let fast = FastInceptionV3::from_model(&model);
+        pools.push(check(&format!("{path:?}"), &fast));
+    }
+    // Built on the AVX-512 path (weights packed at load, the plain copies dropped), then run
+    // on the portable one: the GEMMs unpack the weights for the `gemm` crate.
+    if Simd::available_paths().contains(&Simd::Avx512) {
+        cpu::force(Some(Simd::Avx512)).unwrap();
+        let fast = FastInceptionV3::from_model(&model);
+        cpu::force(Some(Simd::Scalar)).unwrap();
+        check("built Avx512, run Scalar", &fast);
     }
     cpu::force(None).unwrap();
     // The paths really differ somewhere (fused vs separate multiply-add), else forcing did

@@ -13,14 +13,16 @@
 //!   an Inception block's concatenation costs nothing;
 //! * bias and ReLU run on each output tile right after its GEMM, while it is still in cache.
 //!
-//! The GEMM is the `gemm` crate (AVX-512/AVX2/NEON microkernels chosen at run time); work is
-//! split over output-pixel tiles on the rayon pool, one single-threaded GEMM per tile.
+//! The GEMM is [`crate::engine::packed_gemm`] over weights packed at load on the AVX-512 path,
+//! else the `gemm` crate (AVX2/NEON microkernels chosen at run time); work is split over
+//! output-pixel tiles on the rayon pool, one single-threaded GEMM per tile.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Mutex;
 
 use crate::engine::direct_conv;
+use crate::engine::packed_gemm::PackedWeights;
 use crate::engine::winograd::WinogradConv;
 
 /// `n` images of `h` x `w` pixels with `c` channels each, stored `[n][h][w][c]`.
@@ -283,6 +285,8 @@ pub struct Conv {
     pub pad: [usize; 2],
     /// Pads like TensorFlow's "SAME" (see [`same_padding`]) instead of by `pad`.
     same: bool,
+    /// `[k][cout]`, `k = (ky * kw + kx) * cin + ci` (im2col's order); empty when only
+    /// `packed` holds the weights.
     w: Vec<f32>,
     pub bias: Vec<f32>,
     /// Per output column: which epilogue applies (several convolutions fused into one GEMM may
@@ -290,6 +294,10 @@ pub struct Conv {
     epilogue: Vec<Epilogue>,
     /// The same convolution the Winograd way, used instead when set.
     winograd: Option<Box<WinogradConv>>,
+    /// `w` packed for the AVX-512 path: at construction when the CPU takes that path and the
+    /// direct kernels (which read `w`) never apply, `w` then dropped (two copies cost a third
+    /// more memory at batch 1); else on first use beside `w`.
+    packed: std::sync::OnceLock<PackedWeights>,
 }
 
 impl Conv {
@@ -326,6 +334,32 @@ impl Conv {
             bias: bias.to_vec(),
             epilogue: vec![Epilogue::BiasRelu; cout],
             winograd: None,
+            packed: Default::default(),
+        }
+        .settled()
+    }
+
+    /// Packs the weights and drops the plain copy when every forward pass on this CPU path
+    /// reads the packed ones alone: the direct kernels take up to 48 input channels.
+    fn settled(mut self) -> Self {
+        let k = self.kernel[0] * self.kernel[1] * self.cin;
+        if self.cin > direct_conv::POINTWISE_MAX_CIN
+            && PackedWeights::applies(self.cout)
+            && self.packed.get().is_none()
+        {
+            let packed = PackedWeights::new(&self.w, k, self.cout);
+            self.w = Vec::new();
+            let _ = self.packed.set(packed);
+        }
+        self
+    }
+
+    /// The weights as `[k][cout]`, unpacked when only the packed copy is kept (at load, or on
+    /// a path forced after it).
+    fn plain_weights(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self.packed.get() {
+            Some(p) if self.w.is_empty() => std::borrow::Cow::Owned(p.unpack()),
+            _ => std::borrow::Cow::Borrowed(&self.w),
         }
     }
 
@@ -343,12 +377,15 @@ impl Conv {
         }
         let [kh, kw] = self.kernel;
         self.winograd = Some(Box::new(WinogradConv::new(
-            &self.w,
+            &self.plain_weights(),
             &self.bias,
             [self.cout, self.cin, kh, kw],
             self.pad,
             tile,
         )));
+        // Every path of this convolution now reads the transformed weights alone.
+        self.w = Vec::new();
+        self.packed = Default::default();
         self
     }
 
@@ -372,15 +409,20 @@ impl Conv {
         let cin = parts[0].cin;
         for p in parts {
             assert!(
-                p.cin == cin && p.kernel == [1, 1] && p.stride == [1, 1] && p.pad == [0, 0],
+                p.cin == cin
+                    && p.kernel == [1, 1]
+                    && p.stride == [1, 1]
+                    && p.pad == [0, 0]
+                    && p.winograd.is_none(),
                 "only 1x1 convolutions of one input fuse"
             );
         }
         let cout: usize = parts.iter().map(|p| p.cout).sum();
+        let plain: Vec<_> = parts.iter().map(|p| p.plain_weights()).collect();
         let mut w = Vec::with_capacity(cin * cout);
         for ci in 0..cin {
-            for p in parts {
-                w.extend_from_slice(&p.w[ci * p.cout..(ci + 1) * p.cout]);
+            for (p, pw) in parts.iter().zip(&plain) {
+                w.extend_from_slice(&pw[ci * p.cout..(ci + 1) * p.cout]);
             }
         }
         Self {
@@ -394,7 +436,9 @@ impl Conv {
             bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
             epilogue: parts.iter().flat_map(|p| p.epilogue.clone()).collect(),
             winograd: None,
+            packed: Default::default(),
         }
+        .settled()
     }
 
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
@@ -569,6 +613,8 @@ impl Conv {
     }
 
     fn direct_weights(&self, epilogue: Epilogue) -> direct_conv::Weights<'_> {
+        // settled() keeps w wherever a direct kernel applies.
+        debug_assert!(!self.w.is_empty() || self.cout * self.cin == 0);
         direct_conv::Weights {
             w: &self.w,
             bias: &self.bias,
@@ -660,6 +706,14 @@ impl Conv {
         }
         assert!(a.len() >= (m - 1) * a_rs + k);
         assert!(cols.end <= self.cout && cols.end <= dst_rs);
+        if PackedWeights::applies(self.cout) && cols.start.is_multiple_of(16) {
+            let packed = self
+                .packed
+                .get_or_init(|| PackedWeights::new(&self.w, k, self.cout));
+            // SAFETY: applies() checked the CPU; the caller vouches for dst.
+            return unsafe { packed.matmul(m, a, a_rs, cols, dst, dst_rs) };
+        }
+        let w = self.plain_weights();
         // SAFETY: the assert keeps every read of `a` and of `self.w` (k x cout, columns
         // `cols`) in bounds; the caller vouches for `dst`.
         unsafe {
@@ -674,7 +728,7 @@ impl Conv {
                 a.as_ptr(),
                 1,
                 a_rs as isize,
-                self.w.as_ptr().add(cols.start),
+                w.as_ptr().add(cols.start),
                 1,
                 self.cout as isize,
                 0.0,

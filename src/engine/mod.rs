@@ -13,4 +13,5 @@ pub mod depthwise;
 pub mod depthwise_grad;
 pub mod direct_conv;
 pub mod inverted_residual;
+pub mod packed_gemm;
 pub mod winograd;

@@ -14,10 +14,12 @@
 //! that makes the algorithm an exact correlation, so any `F(m, r)` in reach of those points
 //! comes out of one routine (checked on construction and in tests/it/cpu_conv.rs).
 //!
-//! Why by hand: no maintained crate does Winograd convolution on NHWC f32 data; the
-//! multiplications still go through the `gemm` crate.
+//! Why by hand: no maintained crate does Winograd convolution on NHWC f32 data. The
+//! multiplications go through [`crate::engine::packed_gemm`] (the transformed weights packed at
+//! load) on the AVX-512 path, else through the `gemm` crate.
 
 use crate::engine::cpu_conv::Act;
+use crate::engine::packed_gemm::PackedWeights;
 use std::cell::RefCell;
 
 /// Calls `$f` compiled for AVX-512 or AVX2 when the CPU has them: the transforms are long
@@ -226,8 +228,19 @@ pub struct WinogradConv {
     /// `at` rows of the y and x transforms.
     at: [Vec<Vec<(usize, f32)>>; 2],
     /// Transformed weights `[alpha_y * alpha_x][cin][cout]`.
-    u: Vec<f32>,
+    u: Transformed,
     bias: Vec<f32>,
+}
+
+/// The transformed weights as the GEMMs of the path chosen at load read them.
+#[derive(Debug, Clone)]
+enum Transformed {
+    /// `[alpha_y * alpha_x][cin][cout]`, for the `gemm` crate.
+    Plain(Vec<f32>),
+    /// One `cin x cout` matrix per position, packed for the AVX-512 path (kept alone: the
+    /// plain copy would be as large again, and only a path forced later in the process, as
+    /// tests do, reads it, unpacked on the fly).
+    Packed(Vec<PackedWeights>),
 }
 
 impl WinogradConv {
@@ -285,7 +298,7 @@ impl WinogradConv {
                 u[(p * cin + ci) * cout..][..cout].copy_from_slice(&plane[p * cout..][..cout]);
             }
         }
-        Self {
+        let mut conv = Self {
             cin,
             cout,
             kernel: [kh, kw],
@@ -297,9 +310,19 @@ impl WinogradConv {
                 sparse_rows(&ty.at, tile[0], ay),
                 sparse_rows(&tx.at, tile[1], ax),
             ],
-            u,
+            u: Transformed::Plain(Vec::new()),
             bias: bias.to_vec(),
-        }
+        };
+        conv.u = if conv.avx512() && PackedWeights::applies(cout) {
+            Transformed::Packed(
+                u.chunks_exact(cin * cout)
+                    .map(|up| PackedWeights::new(up, cin, cout))
+                    .collect(),
+            )
+        } else {
+            Transformed::Plain(u)
+        };
+        conv
     }
 
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
@@ -448,11 +471,25 @@ impl WinogradConv {
             }
             // The positions' GEMMs are independent: on the rayon pool they keep every core
             // busy even when one image gives fewer bands than there are threads.
-            let (v, u) = (&v[..positions * tiles * cin], &self.u);
+            let v = &v[..positions * tiles * cin];
             m[..positions * tiles * cout]
                 .par_chunks_mut(tiles * cout)
                 .enumerate()
                 .for_each(|(p, mp)| {
+                    let vp = &v[p * tiles * cin..(p + 1) * tiles * cin];
+                    let up = match &self.u {
+                        Transformed::Packed(packed) if fast => {
+                            // SAFETY: avx512() checked the CPU and the channel counts; mp
+                            // holds tiles x cout floats.
+                            return unsafe {
+                                packed[p].matmul(tiles, vp, cin, 0..cout, mp.as_mut_ptr(), cout)
+                            };
+                        }
+                        Transformed::Packed(packed) => std::borrow::Cow::Owned(packed[p].unpack()),
+                        Transformed::Plain(u) => {
+                            std::borrow::Cow::Borrowed(&u[p * cin * cout..(p + 1) * cin * cout])
+                        }
+                    };
                     // SAFETY: mp holds tiles x cout floats, v's plane p tiles x cin and u's
                     // plane p cin x cout.
                     unsafe {
@@ -464,10 +501,10 @@ impl WinogradConv {
                             1,
                             cout as isize,
                             false,
-                            v[p * tiles * cin..(p + 1) * tiles * cin].as_ptr(),
+                            vp.as_ptr(),
                             1,
                             cin as isize,
-                            u[p * cin * cout..(p + 1) * cin * cout].as_ptr(),
+                            up.as_ptr(),
                             1,
                             cout as isize,
                             0.0,

@@ -55,7 +55,7 @@ fn info_json_reports_build_machine_and_cache() {
 
     // The CPU paths agree with what this test process detects.
     let kernels = info["cpu"]["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 3);
+    assert_eq!(kernels.len(), 4);
     #[cfg(target_arch = "x86_64")]
     {
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
