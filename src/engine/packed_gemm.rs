@@ -9,11 +9,13 @@
 //! weights are laid out at load as 16-column panels (`[n / 16][k][16]`, each panel contiguous),
 //! and the activations are broadcast straight from their rows, so a call packs nothing.
 //!
-//! Every output sums `k` in blocks of [`KC`], each block one chain of fused multiply-adds in
-//! order from zero, added to the sum of the blocks before (blocked summation: InceptionV3's
-//! deepest stage came out 1.2e-4 from the reference as one chain over `k`, 0.9e-4 this way,
-//! 0.7e-4 through the `gemm` crate): its bits depend on its own row and column alone, never on
-//! `m`, the row's place in the call or the column range asked for.
+//! Every output is one chain of fused multiply-adds over `k` in order from zero (a `k` block
+//! carries its partial sums into the next through `dst`): the order im2col + GEMM has always
+//! promised the direct kernels (`direct_conv`), whose bits must equal it. Its bits depend on
+//! its own row and column alone, never on `m`, the row's place in the call or the columns
+//! asked for. (Summing each block from zero and adding it to the blocks before was a little
+//! more accurate, 0.9e-4 against 1.2e-4 at InceptionV3's deepest stage, but broke that
+//! equality for first layers deeper than a block.)
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -245,8 +247,8 @@ unsafe fn call<const R: usize, const V: usize>(t: TileArgs) {
     unsafe { tile::<R, V>(t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7) }
 }
 
-/// `R` rows by `V` vectors of columns over `kc` of `k`: the block's sums are stored in `dst`
-/// (`first`) or added to what the blocks before left there.
+/// `R` rows by `V` vectors of columns over `kc` of `k`: the accumulators start from zero
+/// (`first`) or from the partial sums the blocks before left in `dst`, and end there.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -264,6 +266,13 @@ unsafe fn tile<const R: usize, const V: usize>(
     // each, 64-byte aligned) and R x V vectors of dst in bounds.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if !first {
+            for r in 0..R {
+                for v in 0..V {
+                    acc[r][v] = _mm512_loadu_ps(dst.add(r * dst_rs + v * LANES));
+                }
+            }
+        }
         for kk in 0..kc {
             let mut wv = [_mm512_setzero_ps(); V];
             for v in 0..V {
@@ -278,13 +287,7 @@ unsafe fn tile<const R: usize, const V: usize>(
         }
         for r in 0..R {
             for v in 0..V {
-                let d = dst.add(r * dst_rs + v * LANES);
-                let sum = if first {
-                    acc[r][v]
-                } else {
-                    _mm512_add_ps(_mm512_loadu_ps(d), acc[r][v])
-                };
-                _mm512_storeu_ps(d, sum);
+                _mm512_storeu_ps(dst.add(r * dst_rs + v * LANES), acc[r][v]);
             }
         }
     }
