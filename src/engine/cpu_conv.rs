@@ -343,10 +343,7 @@ impl Conv {
     /// reads the packed ones alone: the direct kernels take up to 48 input channels.
     fn settled(mut self) -> Self {
         let k = self.kernel[0] * self.kernel[1] * self.cin;
-        if self.cin > direct_conv::POINTWISE_MAX_CIN
-            && PackedWeights::applies(self.cout)
-            && self.packed.get().is_none()
-        {
+        if self.cin > direct_conv::POINTWISE_MAX_CIN && PackedWeights::applies(self.cout) {
             let packed = PackedWeights::new(&self.w, k, self.cout);
             self.w = Vec::new();
             let _ = self.packed.set(packed);

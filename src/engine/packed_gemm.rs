@@ -86,14 +86,6 @@ impl PackedWeights {
         w
     }
 
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
     /// `dst[r * dst_rs + c] = sum_kk a[r * a_rs + kk] * w[kk][c]` for rows `r < m` and the
     /// columns `cols` (whole vectors); other columns of `dst` are left alone.
     ///
