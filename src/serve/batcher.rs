@@ -9,9 +9,10 @@
 //! the network over it in a pool of its own one thread, as `featurize`'s pipelines do (see
 //! [`crate::featurize`]): decoding never time-slices a core with the network, and no loop
 //! waits for another at the end of a batch. Under load every loop is busy and the queue
-//! refills while they run. A batch of fewer images than there are loops (a lone client's
-//! image) runs on the whole pool instead, every layer parallel inside, so that one image gets
-//! every core, but only while no other batch runs, and none starts until it is through.
+//! refills while they run. A batch that finds no other running (a lone client's image, or
+//! the images of a few clients in lockstep, which all reach one loop at once) runs on the
+//! whole pool instead, so that it gets every core (the network splits several images into one
+//! group per thread itself); no other batch starts until it is through.
 //!
 //! On a GPU there is one loop, which decodes its batch on the whole pool.
 
@@ -148,7 +149,6 @@ pub fn run<D, N>(
         most: batching.max_batch.div_ceil(loops).max(1),
         max_wait: batching.max_wait,
         company,
-        loops,
         metrics,
         decode: &decode,
         network: &network,
@@ -176,7 +176,7 @@ struct Shared<'a, D, N> {
     /// A loop saw [`Msg::Stop`] or a closed channel: the others end at their next turn.
     stopped: AtomicBool,
     /// Read by every batch on a loop's own thread, written by a batch on the whole pool: so
-    /// a lone image gets every core only while no other batch runs, and no batch starts while
+    /// a batch gets every core only while no other batch runs, and no batch starts while
     /// it does (a thread more than there are cores stalls the whole-pool batch at each
     /// layer's barrier).
     turns: RwLock<()>,
@@ -184,7 +184,6 @@ struct Shared<'a, D, N> {
     most: usize,
     max_wait: Duration,
     company: &'a Company,
-    loops: usize,
     metrics: &'a Metrics,
     decode: &'a D,
     network: &'a N,
@@ -195,8 +194,8 @@ where
     D: Fn(&[u8]) -> Result<Vec<f32>, String> + Sync,
     N: Fn(Task, Vec<f32>, usize) -> Result<Vec<f32>, String> + Sync,
 {
-    /// One loop: gathers a batch, runs it in `pool` (or on the whole pool when it is a lone
-    /// image and no other loop runs), and again.
+    /// One loop: gathers a batch, runs it (on the whole pool when no other loop runs, else
+    /// in `pool`), and again.
     fn run_loop(&self, pool: Option<&rayon::ThreadPool>) {
         loop {
             let (jobs, stop) = {
@@ -232,18 +231,20 @@ where
         }
     }
 
-    /// Runs a batch in the loop's `pool`, or on the whole pool when it holds fewer images
-    /// than there are loops and no other batch runs.
+    /// Runs a batch on the whole pool when no other batch runs, else in the loop's `pool`.
+    /// Clients in lockstep (a few, each sending its next image when its answer comes) hand
+    /// one loop all their images at once while the others have nothing: on its own thread
+    /// that batch left every other core idle (4 clients: 11 images/s where the network alone
+    /// does 22 at batch 4). On the whole pool the network splits a batch of several images
+    /// into one group per thread itself, and a lone image gets every core.
     fn run_in(&self, pool: &rayon::ThreadPool, jobs: Vec<Job>) {
-        if jobs.len() < self.loops {
-            let alone = match self.turns.try_write() {
-                Ok(guard) => Some(guard),
-                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(_alone) = alone {
-                return self.batch(jobs);
-            }
+        let alone = match self.turns.try_write() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(_alone) = alone {
+            return self.batch(jobs);
         }
         let _shared = self.turns.read().unwrap_or_else(|e| e.into_inner());
         pool.install(|| self.batch(jobs));
@@ -651,35 +652,53 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_image_runs_on_the_whole_pool_and_a_loop_batch_on_its_own_thread() {
+    fn a_batch_alone_runs_on_the_whole_pool_and_one_beside_another_on_its_loops_thread() {
         let whole = rayon::current_num_threads();
         // On a pool of one thread the whole pool and a loop's own thread look the same.
         assert!(
             whole > 1,
             "this test needs a pool of 2 threads or more (RAYON_NUM_THREADS)"
         );
-        for (images, expected) in [(1, whole), (2, 1)] {
+        // (images queued, max batch, pool sizes the batches ran on, sorted). 1 and 2: one
+        // batch, nothing beside it (a lone client; clients in lockstep). 4 with a max batch
+        // of 4: two loops take 2 each, the second while the first is in the network.
+        for (images, max_batch, expected) in [
+            (1, 4, vec![whole]),
+            (2, 4, vec![whole]),
+            (4, 4, vec![1, whole]),
+        ] {
             let (rx, mut replies) = queued(1..=images);
-            let threads = Mutex::new(Vec::new());
+            let epoch = Instant::now();
+            let runs = Mutex::new(Vec::new());
             run(
                 rx,
-                batching(4, 0),
+                batching(max_batch, 0),
                 &Company::default(),
                 &Metrics::default(),
                 2,
                 decode,
-                |_, p, n| {
-                    threads
-                        .lock()
+                |_, p, _| {
+                    let start = epoch.elapsed();
+                    // Long enough that the other loop gathers its batch meanwhile.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let end = epoch.elapsed();
+                    runs.lock()
                         .unwrap()
-                        .push((n, rayon::current_num_threads()));
+                        .push((rayon::current_num_threads(), start, end));
                     Ok(sums(&p))
                 },
             );
-            assert_eq!(
-                threads.into_inner().unwrap(),
-                vec![(images as usize, expected)]
-            );
+            let runs = runs.into_inner().unwrap();
+            let mut pools: Vec<usize> = runs.iter().map(|r| r.0).collect();
+            pools.sort_unstable();
+            assert_eq!(pools, expected, "{images} images: {runs:?}");
+            // A batch on the whole pool overlaps no other.
+            for (i, a) in runs.iter().enumerate() {
+                for b in &runs[i + 1..] {
+                    let overlap = a.1 < b.2 && b.1 < a.2;
+                    assert!(!(overlap && (a.0 == whole || b.0 == whole)), "{runs:?}");
+                }
+            }
             assert!(replies.iter_mut().all(|r| r.try_recv().unwrap().is_ok()));
         }
     }

@@ -6,8 +6,9 @@
 //! - the batching loops, one per thread of rayon's pool on the CPU (see [`batcher`]), each
 //!   gathering the images of concurrent requests into a batch, decoding and resizing them
 //!   (the decode path of `featurize` and `predict`, from bytes instead of files) and running
-//!   the network over them on its own thread, as `featurize`'s pipelines do; a lone image runs
-//!   on the whole pool.
+//!   the network over them on its own thread, as `featurize`'s pipelines do; a batch that
+//!   finds no other running takes the whole pool (a lone image every core, several images
+//!   one group per thread).
 //!
 //! Admission is bounded: at most `queue` images are in the server at once (decoding, waiting
 //! or in the network); beyond that a request gets 503 with `Retry-After` at once, so a
